@@ -1,0 +1,122 @@
+"""Every transformers-version difference the project depends on, in one place.
+
+The 4.57 line and the 5.x line differ in: the cache keyword of decoder layers
+(`past_key_values` vs `cache`), decoder layers returning a tuple vs a tensor, the
+shape of M-RoPE cos/sin handed to layers (3 axes vs already merged), the
+signature of `get_rope_index` (5.x needs `mm_token_type_ids`), the return type of
+`get_image_features`, and the image processor's budget keywords.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import torch
+import transformers
+from transformers.cache_utils import DynamicCache
+
+TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+IS_V5 = TRANSFORMERS_MAJOR >= 5
+
+#: keyword under which decoder layers and text models take the KV cache
+CACHE_KW = "cache" if IS_V5 else "past_key_values"
+
+
+def new_cache() -> DynamicCache:
+    """An empty, lazily growing dynamic cache (no per-layer types)."""
+    return DynamicCache()
+
+
+def cache_kv(cache: DynamicCache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    layer = cache.layers[layer_idx]
+    return layer.keys, layer.values
+
+
+def cache_num_layers(cache: DynamicCache) -> int:
+    return sum(1 for layer in cache.layers if getattr(layer, "keys", None) is not None and layer.keys.numel())
+
+
+def cache_from_kv(kvs: list[tuple[torch.Tensor, torch.Tensor]]) -> DynamicCache:
+    """A cache whose first len(kvs) layers hold the given (keys, values)."""
+    cache = new_cache()
+    for i, (k, v) in enumerate(kvs):
+        cache.update(k, v, i)
+    return cache
+
+
+def layer_output(out) -> torch.Tensor:
+    """Decoder layers return a tuple on 4.57 and a tensor on 5.x."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def text_model_kwargs(cache) -> dict:
+    return {CACHE_KW: cache}
+
+
+def strip_cache(kwargs: dict) -> dict:
+    """Layer kwargs for running without a cache."""
+    out = dict(kwargs)
+    out[CACHE_KW] = None
+    out["use_cache"] = False
+    out.pop("cache_position", None)
+    return out
+
+
+def with_cache(kwargs: dict, cache) -> dict:
+    out = dict(kwargs)
+    out[CACHE_KW] = cache
+    out["use_cache"] = True
+    return out
+
+
+def modeling_module(module: torch.nn.Module):
+    """The transformers modeling module that defines `module`'s class."""
+    return sys.modules.get(type(module).__module__) or importlib.import_module(type(module).__module__)
+
+
+def apply_mrope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: torch.nn.Module):
+    """Apply the backbone's own rotary function to (B, H, S, D) q and k.
+
+    On 4.57 M-RoPE cos/sin arrive per axis (3, B, S, D) and the attention merges
+    them with `mrope_section`; on 5.x the rotary module already merged them.
+    """
+    mod = modeling_module(attn)
+    if cos.dim() == 4:
+        section = attn.rope_scaling["mrope_section"]
+        return mod.apply_multimodal_rotary_pos_emb(q, k, cos, sin, section)
+    return mod.apply_rotary_pos_emb(q, k, cos, sin)
+
+
+def rope_index(model_core, input_ids, image_grid_thw, attention_mask, image_token_id, video_token_id):
+    """`get_rope_index` of a Qwen-VL model core, called the way this version wants."""
+    if IS_V5:
+        mm = torch.zeros_like(input_ids, dtype=torch.int)
+        mm[input_ids == image_token_id] = 1
+        mm[input_ids == video_token_id] = 2
+        return model_core.get_rope_index(
+            input_ids, mm_token_type_ids=mm, image_grid_thw=image_grid_thw, attention_mask=attention_mask
+        )
+    return model_core.get_rope_index(input_ids, image_grid_thw, None, attention_mask=attention_mask)
+
+
+def image_features(model_core, pixel_values, grid_thw) -> list[torch.Tensor]:
+    """Per-image merged vision embeddings, as a list."""
+    out = model_core.get_image_features(pixel_values, grid_thw)
+    if hasattr(out, "pooler_output"):
+        out = out.pooler_output
+    return list(out)
+
+
+def budget_kwargs(min_pixels: int, max_pixels: int) -> dict:
+    """Pixel-budget keywords for a Qwen-VL image processor call (both lines take these)."""
+    return {"min_pixels": int(min_pixels), "max_pixels": int(max_pixels)}
+
+
+def mm_token_type_ids(input_ids, image_token_id, video_token_id):
+    """`mm_token_type_ids` for 5.x processor outputs; None where the version has no such input."""
+    if not IS_V5:
+        return None
+    mm = torch.zeros_like(input_ids, dtype=torch.int)
+    mm[input_ids == image_token_id] = 1
+    mm[input_ids == video_token_id] = 2
+    return mm

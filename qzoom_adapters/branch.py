@@ -1,0 +1,53 @@
+"""A branch: T decoder layers copied from the trunk at layer K (shared by TwigRPN and DynamicGate)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from .errors import QZoomError
+from .spec import get_spec
+
+
+def check_branch_point(num_layers: int, K: int, T: int) -> None:
+    if K < 1 or T < 1:
+        raise QZoomError(f"K and T must be >= 1 (got K={K}, T={T})")
+    if K + T > num_layers:
+        raise QZoomError(
+            f"a branch at K={K} with T={T} layers needs K+T <= {num_layers} (the model has {num_layers} "
+            "decoder layers); choose a smaller K or T"
+        )
+
+
+class Branch(nn.Module):
+    """T decoder layers of the backbone's own class, initialised from `layers[K:K+T]`."""
+
+    def __init__(self, layers: nn.ModuleList, K: int, family: str):
+        super().__init__()
+        self.layers = layers
+        self.K = K
+        self.T = len(layers)
+        self.family = family
+
+    @classmethod
+    def from_backbone(cls, model: nn.Module, K: int, T: int = 3, **kwargs):
+        """Copy `layers[K:K+T]` of `model` (separate parameters, same class, dtype and device)."""
+        spec = get_spec(model)
+        check_branch_point(len(spec.layers), K, T)
+        layers = nn.ModuleList(copy.deepcopy(spec.layers[K + i]) for i in range(T))
+        for p in layers.parameters():
+            p.requires_grad_(True)
+        return cls(layers, K, spec.family, **kwargs)
+
+    def check_backbone(self, spec) -> None:
+        if spec.family != self.family:
+            raise QZoomError(
+                f"{type(self).__name__} was built for backbone family {self.family!r} but the model is "
+                f"{spec.family!r}; load adapters into a model of the family they were trained on"
+            )
+        check_branch_point(len(spec.layers), self.K, self.T)
+
+    def run_body(self, spec, hidden: torch.Tensor, kwargs: dict, trunk, n: int) -> torch.Tensor:
+        """Run the first `n` branch layers in full (no cache)."""
+        return trunk.run_layers(self.layers[:n], hidden, kwargs)

@@ -1,0 +1,59 @@
+"""Configs (pydantic): how the pipeline zooms, and what an adapter file records."""
+from __future__ import annotations
+
+import warnings
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Tolerant(BaseModel):
+    """Unknown keys warn (saved files may come from a newer version) instead of failing."""
+
+    model_config = ConfigDict(extra="ignore", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _warn_unknown(cls, data):
+        if isinstance(data, dict):
+            unknown = sorted(set(data) - set(cls.model_fields))
+            if unknown:
+                warnings.warn(f"{cls.__name__}: ignoring unknown keys {unknown}", stacklevel=2)
+        return data
+
+
+class ZoomConfig(_Tolerant):
+    """Inference behaviour of the gated two-pass decoder (SPEC §2-§3)."""
+
+    gate_threshold: float = Field(0.05, ge=0.0, description="zoom iff p >= this; 0 = always, > 1 = never")
+    roi_threshold: float = Field(0.15, description="threshold on the blurred foreground map")
+    min_crop_px: int = Field(28, ge=1)
+    blur_kernel: int = Field(3, ge=1)
+    blur_sigma: float = Field(1.0, gt=0.0)
+    position_mode: Literal["aligned", "sequential"] = "aligned"
+    crop_min_pixels: int | None = Field(None, ge=1, description="None = the global view's min_pixels")
+    crop_max_pixels: int | None = Field(None, ge=1, description="None = the global view's max_pixels")
+    emit_direct: bool = Field(False, description="also decode the direct answer when zoomed")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.blur_kernel % 2 != 1:
+            raise ValueError(f"blur_kernel must be odd, got {self.blur_kernel}")
+        if self.crop_min_pixels and self.crop_max_pixels and self.crop_min_pixels > self.crop_max_pixels:
+            raise ValueError("crop_min_pixels must not exceed crop_max_pixels")
+        return self
+
+
+class AdapterConfig(_Tolerant):
+    """What `adapter_config.json` records next to the adapter tensors."""
+
+    library_version: str
+    backbone_family: str
+    model_type: str
+    K: int = Field(ge=1)
+    T: int = Field(ge=1)
+    has_twig: bool
+    has_gate: bool
+    hidden_size: int
+    num_hidden_layers: int
+    zoom: ZoomConfig = Field(default_factory=ZoomConfig)

@@ -1,0 +1,23 @@
+"""What the pipeline returns per sample."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class ZoomOutput:
+    """One sample's answer and how it was reached (see API.md)."""
+
+    tokens: list[int]
+    text: str | None = None
+    zoomed: bool = False
+    gate_prob: float | None = None
+    heatmap: torch.Tensor | None = None
+    bbox: tuple[int, int, int, int] | None = None
+    visual_tokens: int = 0
+    direct_tokens: list[int] | None = None
+    roi_tokens: list[int] | None = None
+    direct_text: str | None = None
+    trace: dict | None = field(default=None, repr=False)

@@ -1,0 +1,320 @@
+"""The gated two-pass decoder (SPEC §3.3), batched with per-sample decisions.
+
+Reads top to bottom: inputs -> pass A to layer K -> gate -> twig -> RoI box and crop ->
+RoI sequence and positions -> pass B reusing the cache of layers < K -> decode.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from backbones import _compat
+from .config import ZoomConfig
+from .decode import eos_ids, greedy
+from .errors import QZoomError
+from .gate import DynamicGate
+from .outputs import ZoomOutput
+from .positions import roi_input_ids, roi_position_ids
+from .roi import box_to_pixels, check_source_image, clip_box_to_grid, roi_from_heatmap
+from .spec import get_spec
+from .trunk import Trunk
+from .twig import TwigRPN
+
+
+@dataclass
+class _PassA:
+    ids: torch.Tensor
+    mask: torch.Tensor
+    pos: torch.Tensor
+    embeds: torch.Tensor
+    hK: torch.Tensor
+    kwargs: dict
+    cache: object
+    grid: torch.Tensor
+
+
+@dataclass
+class _Crop:
+    sample: int
+    box_tok: tuple[int, int, int, int]
+    box_px: tuple[int, int, int, int]
+    image: object
+
+
+class QZoom:
+    """Q-Zoom on an unmodified HF model: `TwigRPN` + `DynamicGate` + gated two-pass decoding."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        processor=None,
+        *,
+        twig: TwigRPN | None = None,
+        gate: DynamicGate | None = None,
+        config: ZoomConfig | None = None,
+        image_processor=None,
+    ):
+        self.model = model
+        self.processor = processor
+        self.image_processor = image_processor or getattr(processor, "image_processor", None)
+        self.spec = get_spec(model)
+        self.trunk = Trunk(self.spec)
+        self.twig, self.gate = twig, gate
+        for branch in (twig, gate):
+            if branch is not None:
+                branch.check_backbone(self.spec)
+        if twig is not None and gate is not None and twig.K != gate.K:
+            raise QZoomError(f"twig (K={twig.K}) and gate (K={gate.K}) must branch at the same layer")
+        self.config = config or ZoomConfig()
+
+    @property
+    def K(self) -> int:
+        branch = self.twig or self.gate
+        if branch is None:
+            raise QZoomError("QZoom needs a twig and/or a gate")
+        return branch.K
+
+    @property
+    def tokenizer(self):
+        return getattr(self.processor, "tokenizer", self.processor if hasattr(self.processor, "decode") else None)
+
+    # --- public entry points ------------------------------------------------------------
+    def generate(self, images: list, questions: list[str], max_new_tokens: int = 32, return_trace: bool = False):
+        """Answer `questions` about PIL `images` (chat template applied by the processor)."""
+        if self.processor is None:
+            raise QZoomError("generate() needs a processor; use generate_from_inputs() with processed inputs")
+        if len(images) != len(questions):
+            raise QZoomError(f"got {len(images)} images for {len(questions)} questions")
+        inputs = self.spec.chat_inputs(self.processor, list(images), list(questions))
+        return self.generate_from_inputs(inputs, images, max_new_tokens=max_new_tokens, return_trace=return_trace)
+
+    @torch.no_grad()
+    def generate_from_inputs(self, inputs, images: list, max_new_tokens: int = 32, return_trace: bool = False):
+        """Gated greedy answers for processed, left-padded `inputs`; `images` are the source PIL images."""
+        cfg = self.config
+        a = self._pass_a(inputs, images)
+        B = a.ids.shape[0]
+        gate_prob = self._gate(a)
+        want_zoom = self._zoom_decisions(gate_prob, B)
+        heatmaps, blurred, crops = self._twig_crops(a, images, want_zoom)
+
+        roi = self._roi_pass(a, crops, max_new_tokens) if crops else {}
+        direct_rows = [i for i in range(B) if i not in roi or cfg.emit_direct]
+        direct = self._direct_pass(a, direct_rows, max_new_tokens) if direct_rows else {}
+        return [self._output(i, a, gate_prob, heatmaps, blurred, crops, roi, direct, return_trace) for i in range(B)]
+
+    # --- pass A: vision + layers 0..K-1 --------------------------------------------------
+    def _pass_a(self, inputs, images) -> _PassA:
+        spec = self.spec
+        spec.validate_inputs(inputs)
+        ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask
+        if not bool(mask[:, -1].all()):
+            raise QZoomError("inputs are right-padded; tokenize with padding_side='left'")
+        if len(images) != ids.shape[0]:
+            raise QZoomError(f"got {len(images)} source images for a batch of {ids.shape[0]}")
+        for image in images:
+            check_source_image(image, self.config.min_crop_px)
+        grid = inputs["image_grid_thw"]
+        image_embeds = torch.cat(spec.encode_images(inputs["pixel_values"], grid))
+        embeds = self.trunk.embed(ids, image_embeds)
+        pos = spec.position_ids(ids, mask, grid)
+        cache = _compat.new_cache()
+        hK, kwargs = self.trunk.forward_to(self.K, embeds, mask, pos, cache)
+        return _PassA(ids, mask, pos, embeds, hK, kwargs, cache, grid)
+
+    # --- gate ----------------------------------------------------------------------------
+    def _gate(self, a: _PassA) -> torch.Tensor | None:
+        if self.gate is None:
+            return None
+        return torch.sigmoid(self.gate.logits(self.spec, a.hK, a.kwargs, self.trunk))
+
+    def _zoom_decisions(self, gate_prob, B: int) -> list[bool]:
+        if self.twig is None:
+            return [False] * B
+        if gate_prob is None:
+            return [True] * B
+        return (gate_prob >= self.config.gate_threshold).tolist()
+
+    # --- twig -> box -> crop ---------------------------------------------------------------
+    def _twig_crops(self, a: _PassA, images, want_zoom):
+        heatmaps, blurred, crops = {}, {}, {}
+        if not any(want_zoom):
+            return heatmaps, blurred, crops
+        cfg, spec = self.config, self.spec
+        rows = [i for i, z in enumerate(want_zoom) if z]
+        sel = torch.tensor(rows, device=a.ids.device)
+        kwargs = a.kwargs if len(rows) == a.ids.shape[0] else self.trunk.layer_kwargs(a.embeds[sel], a.mask[sel], a.pos[:, sel])
+        scores = self.twig.query_scores(spec, a.hK[sel], kwargs, self.trunk)
+        for j, i in enumerate(rows):
+            h_t, w_t = spec.token_grid(a.grid[i])
+            logits = scores[j][a.ids[i] == spec.image_token_id].reshape(h_t, w_t)
+            sink = spec.sink_mask(h_t, w_t, sample=i)
+            blur, box = roi_from_heatmap(logits, sink, cfg.roi_threshold, cfg.blur_kernel, cfg.blur_sigma)
+            heatmaps[i], blurred[i] = logits.cpu(), blur.cpu()
+            if box is None:
+                continue  # empty mask: answer directly
+            box = clip_box_to_grid(box, (h_t, w_t))
+            box_px = box_to_pixels(box, (h_t, w_t), images[i].size, cfg.min_crop_px)
+            crops[i] = _Crop(i, box, box_px, images[i].convert("RGB").crop(box_px))
+        return heatmaps, blurred, crops
+
+    # --- direct path: layers K..L-1 on the same sequence ------------------------------------
+    def _direct_pass(self, a: _PassA, rows: list[int], max_new_tokens: int) -> dict:
+        B = a.ids.shape[0]
+        if len(rows) == B:
+            cache, kwargs, hK, mask, pos = a.cache, a.kwargs, a.hK, a.mask, a.pos
+        else:
+            sel = torch.tensor(rows, device=a.ids.device)
+            cache = _compat.cache_from_kv(
+                [tuple(t[sel] for t in _compat.cache_kv(a.cache, l)) for l in range(self.K)]
+            )
+            mask, pos, hK = a.mask[sel], a.pos[:, sel], a.hK[sel]
+            kwargs = self.trunk.layer_kwargs(a.embeds[sel], mask, pos)
+        return self._finish(hK, kwargs, cache, mask, pos, rows, max_new_tokens)
+
+    def _finish(self, hK, kwargs, cache, mask, pos, rows, max_new_tokens) -> dict:
+        """Layers K..L-1 over the whole sequence, then greedy decoding; per-sample results."""
+        h = self.trunk.run_layers(self.spec.layers[self.K :], hK, kwargs, cache)
+        first = self.trunk.logits(h[:, -1])
+        tokens = greedy(self.trunk, first, mask, pos[:, :, -1], cache, max_new_tokens, eos_ids(self.model))
+        return {i: (tokens[j], first[j].cpu()) for j, i in enumerate(rows)}
+
+    # --- RoI path ------------------------------------------------------------------------------
+    def _roi_pass(self, a: _PassA, crops: dict, max_new_tokens: int) -> dict:
+        """Pass B for the zoomed samples, batched with the prefixes kept at their pass-A columns.
+
+        Layout per sample: [left pad | prefix (cached) | middle pad | suffix]; every prefix ends
+        by column C and every suffix ends at the last column, so the suffix block is shared.
+        """
+        spec, cfg = self.spec, self.config
+        rows = sorted(crops)
+        lo, hi = self._crop_budget()
+        enc = spec.process_crops(self.image_processor, [crops[i].image for i in rows], lo, hi)
+        roi_embeds = spec.encode_images(enc["pixel_values"].to(a.embeds.device), enc["image_grid_thw"])
+        seqs = []
+        for j, i in enumerate(rows):
+            valid = a.mask[i].bool()
+            ids, pos = a.ids[i][valid], a.pos[:, i][:, valid]
+            pad = int((~valid).sum())
+            P = int((ids == spec.vision_end_id).nonzero()[0])
+            s0 = int((ids == spec.image_token_id).nonzero()[0])
+            grid_r = spec.token_grid(enc["image_grid_thw"][j])
+            new_ids = roi_input_ids(ids, P, roi_embeds[j].shape[0], spec.vision_start_id, spec.vision_end_id, spec.image_token_id)
+            new_pos = roi_position_ids(pos, P, s0, grid_r, crops[i].box_tok, cfg.position_mode)
+            seqs.append((pad, pad + P, new_ids[P:], new_pos[:, P:], new_ids, new_pos, enc["image_grid_thw"][j]))
+        C = max(s[1] for s in seqs)
+        L = max(s[2].shape[0] for s in seqs)
+        n, dev = len(rows), a.ids.device
+        ids = torch.zeros(n, C + L, dtype=a.ids.dtype, device=dev)
+        mask = torch.zeros(n, C + L, dtype=a.mask.dtype, device=dev)
+        pos = torch.zeros(3, n, C + L, dtype=torch.float32, device=dev)
+        sel = torch.tensor(rows, device=dev)
+        ids[:, :C] = a.ids[sel, :C]
+        pos[:, :, :C] = a.pos[:, sel, :C].float()
+        for j, (start, P_abs, suf_ids, suf_pos, *_rest) in enumerate(seqs):
+            mask[j, start:P_abs] = 1
+            ids[j, C + L - suf_ids.shape[0] :] = suf_ids
+            pos[:, j, C + L - suf_ids.shape[0] :] = suf_pos.to(dev)
+            mask[j, C + L - suf_ids.shape[0] :] = 1
+        if cfg.position_mode == "sequential":
+            pos = pos.round().long()  # integral in this mode; keep the backbone's own dtype
+        suffix_embeds = self.trunk.embed(ids[:, C:], torch.cat(roi_embeds))
+        cache = _compat.cache_from_kv(
+            [tuple(t[sel, :, :C] for t in _compat.cache_kv(a.cache, l)) for l in range(self.K)]
+        )
+        hK_suffix, _ = self.trunk.forward_to(self.K, suffix_embeds, mask, pos[:, :, C:], cache)
+        hK = torch.cat([a.hK[sel, :C], hK_suffix], dim=1)
+        embeds = torch.cat([a.embeds[sel, :C], suffix_embeds], dim=1)
+        kwargs = self.trunk.layer_kwargs(embeds, mask, pos)
+        out = self._finish(hK, kwargs, cache, mask, pos, rows, max_new_tokens)
+        return {i: out[i] + (s[4], s[5], s[6]) for i, s in zip(rows, seqs)}
+
+    def _crop_budget(self) -> tuple[int, int]:
+        cfg = self.config
+        if self.image_processor is None:
+            raise QZoomError("zooming re-encodes the crop: pass `image_processor=` (or a processor) to QZoom")
+        lo, hi = cfg.crop_min_pixels, cfg.crop_max_pixels
+        if lo is None or hi is None:
+            g_lo, g_hi = self.spec.global_budget(self.image_processor)
+            lo, hi = lo or g_lo, hi or g_hi
+        return lo, hi
+
+    # --- per-sample output ---------------------------------------------------------------------
+    def _output(self, i, a: _PassA, gate_prob, heatmaps, blurred, crops, roi, direct, return_trace) -> ZoomOutput:
+        zoomed = i in roi
+        d_tokens, d_first = direct.get(i, (None, None))
+        r_tokens, r_first = roi[i][:2] if zoomed else (None, None)
+        tokens, first = (r_tokens, r_first) if zoomed else (d_tokens, d_first)
+        n_global = int((a.ids[i] == self.spec.image_token_id).sum())
+        n_roi = int((roi[i][2] == self.spec.image_token_id).sum()) if zoomed else 0
+        out = ZoomOutput(
+            tokens=tokens,
+            text=self._decode(tokens),
+            zoomed=zoomed,
+            gate_prob=None if gate_prob is None else float(gate_prob[i]),
+            heatmap=heatmaps.get(i),
+            bbox=crops[i].box_px if zoomed else None,
+            visual_tokens=n_global + n_roi,
+            direct_tokens=d_tokens,
+            roi_tokens=r_tokens,
+            direct_text=self._decode(d_tokens),
+        )
+        if return_trace:
+            out.trace = {
+                "heatmap_logits": heatmaps.get(i),
+                "blurred_map": blurred.get(i),
+                "gate_prob": out.gate_prob,
+                "bbox_tokens": crops[i].box_tok if i in crops else None,
+                "bbox_pixels": crops[i].box_px if i in crops else None,
+                "roi_image_grid_thw": roi[i][4].cpu() if zoomed else None,
+                "roi_input_ids": roi[i][2].cpu() if zoomed else None,
+                "roi_position_ids": roi[i][3].float().cpu() if zoomed else None,
+                "first_logits": first,
+                "direct_first_logits": d_first,
+            }
+        return out
+
+    def _decode(self, tokens):
+        tok = self.tokenizer
+        if tokens is None or tok is None:
+            return None
+        return tok.decode(tokens, skip_special_tokens=True)
+
+    # --- save / load ---------------------------------------------------------------------------
+    def save_pretrained(self, path):
+        """Write `adapter_config.json` + `adapter_model.safetensors` (adapters only)."""
+        from .io import save_adapters
+
+        return save_adapters(path, self.model, self.twig, self.gate, self.config)
+
+    @classmethod
+    def from_pretrained(cls, path, model, processor=None, *, image_processor=None, config=None, **overrides):
+        """Adapters from `path` attached to `model`; `config` or keyword overrides replace saved settings."""
+        from .io import load_adapters
+
+        twig, gate, saved = load_adapters(path, model)
+        return cls(model, processor, twig=twig, gate=gate, image_processor=image_processor,
+                   config=_merge_config(saved.model_dump(), config, overrides))
+
+    @classmethod
+    def from_reference_checkpoint(cls, path, processor=None, *, image_processor=None, config=None,
+                                  torch_dtype=torch.float32, device=None, **overrides):
+        """A released Q-Zoom checkpoint folder: base model with its own class + twig/gate from its extra keys."""
+        from .io import load_reference_checkpoint
+
+        model, twig, gate, fields = load_reference_checkpoint(path, torch_dtype=torch_dtype, device=device)
+        return cls(model, processor, twig=twig, gate=gate, image_processor=image_processor,
+                   config=_merge_config({**ZoomConfig().model_dump(), **fields}, config, overrides))
+
+
+def _merge_config(base: dict, config: ZoomConfig | None, overrides: dict) -> ZoomConfig:
+    if config is not None:
+        base = config.model_dump()
+    unknown = set(overrides) - set(ZoomConfig.model_fields)
+    if unknown:
+        raise QZoomError(f"unknown ZoomConfig fields {sorted(unknown)}; valid: {sorted(ZoomConfig.model_fields)}")
+    return ZoomConfig(**{**base, **overrides})

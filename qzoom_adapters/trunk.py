@@ -1,0 +1,65 @@
+"""Running the backbone's own text model in pieces: up to layer K, from layer K, one decode step.
+
+Masks and rotary embeddings always come from the backbone's own forward (captured at a
+layer's input), so every attention implementation and transformers version is handled
+by the model itself.
+"""
+from __future__ import annotations
+
+import torch
+
+from backbones import _compat
+from .hooks import run_until
+
+
+class Trunk:
+    """Piecewise execution of a backbone's decoder through its `BackboneSpec`."""
+
+    def __init__(self, spec):
+        self.spec = spec
+
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with the image placeholder rows replaced by `image_embeds` (N, D)."""
+        embeds = self.spec.embed_tokens(input_ids)
+        if image_embeds is not None:
+            mask = (input_ids == self.spec.image_token_id).unsqueeze(-1).expand_as(embeds)
+            embeds = embeds.masked_scatter(mask, image_embeds.to(embeds.dtype))
+        return embeds
+
+    def forward_to(self, stop: int, embeds, attention_mask, position_ids, cache):
+        """Run layers `0..stop-1` (filling `cache`); return (input of layer `stop`, its kwargs)."""
+        cap = run_until(
+            self.spec.text_model,
+            self.spec.layers[stop],
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=cache is not None,
+            **_compat.text_model_kwargs(cache),
+        )
+        return cap.hidden, cap.kwargs
+
+    def layer_kwargs(self, embeds, attention_mask, position_ids) -> dict:
+        """Layer kwargs (mask, rotary) for the whole sequence with no past, from the model itself."""
+        return self.forward_to(0, embeds, attention_mask, position_ids, _compat.new_cache())[1]
+
+    def run_layers(self, layers, hidden, kwargs, cache=None) -> torch.Tensor:
+        kw = _compat.with_cache(kwargs, cache) if cache is not None else _compat.strip_cache(kwargs)
+        for layer in layers:
+            hidden = self.spec.call_layer(layer, hidden, kw)
+        return hidden
+
+    def logits(self, hidden_last: torch.Tensor) -> torch.Tensor:
+        """Next-token logits from the last decoder layer's output rows (B, D) or (B, S, D)."""
+        return self.spec.lm_head(self.spec.norm(hidden_last)).float()
+
+    def step(self, token_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+        """One decode step over all layers: (B,) tokens -> (B, V) logits."""
+        out = self.spec.text_model(
+            inputs_embeds=self.spec.embed_tokens(token_ids[:, None]),
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **_compat.text_model_kwargs(cache),
+        )
+        return self.spec.lm_head(out.last_hidden_state[:, -1]).float()
