@@ -90,9 +90,7 @@ def apply_mrope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.
 def rope_index(model_core, input_ids, image_grid_thw, attention_mask, image_token_id, video_token_id):
     """`get_rope_index` of a Qwen-VL model core, called the way this version wants."""
     if IS_V5:
-        mm = torch.zeros_like(input_ids, dtype=torch.int)
-        mm[input_ids == image_token_id] = 1
-        mm[input_ids == video_token_id] = 2
+        mm = mm_token_type_ids(input_ids, image_token_id, video_token_id)
         return model_core.get_rope_index(
             input_ids, mm_token_type_ids=mm, image_grid_thw=image_grid_thw, attention_mask=attention_mask
         )
@@ -108,7 +106,9 @@ def image_features(model_core, pixel_values, grid_thw) -> list[torch.Tensor]:
 
 
 def budget_kwargs(min_pixels: int, max_pixels: int) -> dict:
-    """Pixel-budget keywords for a Qwen-VL image processor call (both lines take these)."""
+    """Pixel-budget keywords for a Qwen-VL image processor call (5.x deprecates min/max_pixels)."""
+    if IS_V5:
+        return {"size": {"shortest_edge": int(min_pixels), "longest_edge": int(max_pixels)}}
     return {"min_pixels": int(min_pixels), "max_pixels": int(max_pixels)}
 
 
@@ -120,3 +120,9 @@ def mm_token_type_ids(input_ids, image_token_id, video_token_id):
     mm[input_ids == image_token_id] = 1
     mm[input_ids == video_token_id] = 2
     return mm
+
+
+def qwen_image_processor(**kwargs):
+    """A Qwen2-VL image processor that needs no torchvision (5.x names the PIL one separately)."""
+    cls = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
+    return cls(**kwargs)

@@ -250,7 +250,7 @@ class QZoom:
         r_tokens, r_first = roi[i][:2] if zoomed else (None, None)
         tokens, first = (r_tokens, r_first) if zoomed else (d_tokens, d_first)
         n_global = int((a.ids[i] == self.spec.image_token_id).sum())
-        n_roi = int((roi[i][2] == self.spec.image_token_id).sum()) if zoomed else 0
+        n_roi = int((roi[i][2] == self.spec.image_token_id).sum()) - n_global if zoomed else 0  # ids hold both
         out = ZoomOutput(
             tokens=tokens,
             text=self._decode(tokens),

@@ -41,7 +41,8 @@ def test_fixed_special_ids_and_vocab():
 def test_chat_template(proc, batch):
     texts, _, _ = batch
     assert texts[0] == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-                        "<|vision_start|><|image_pad|><|vision_end|>What is written?<|im_end|>\n<|im_start|>assistant\n")
+                        "<|vision_start|><|image_pad|><|vision_end|>What is written?<|im_end|>\n"
+                        "<|im_start|>assistant\n")
 
 
 def test_image_pad_expansion(proc, batch):
@@ -50,8 +51,9 @@ def test_image_pad_expansion(proc, batch):
     assert grid.shape == (2, 3) and not torch.equal(grid[0], grid[1])
     merge = proc.image_processor.merge_size
     for i in range(2):
-        assert int((out["input_ids"][i] == IMAGE_PAD_ID).sum()) == int(grid[i].prod()) // merge**2
-    assert out["pixel_values"].shape[0] == int(grid.prod(-1).sum())
+        n_image_pad = int((out["input_ids"][i] == IMAGE_PAD_ID).sum())
+        assert n_image_pad == int(grid[i].prod()) // merge**2
+    assert out["pixel_values"].shape[0] == int(grid.prod(-1).sum())  # one row per patch
 
 
 def test_left_padding(proc, batch):
