@@ -126,3 +126,12 @@ def qwen_image_processor(**kwargs):
     """A Qwen2-VL image processor that needs no torchvision (5.x names the PIL one separately)."""
     cls = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
     return cls(**kwargs)
+
+
+def char_tokenizer_class():
+    """Tokenizer class for a local character-level `tokenizers` object that a Qwen-VL processor accepts.
+
+    4.57 type-checks for Qwen2Tokenizer(Fast), and the fast one reloads tokenizer.json verbatim; on 5.x
+    Qwen2Tokenizer would rebuild a byte-level BPE on reload, and only the generic base is checked.
+    """
+    return transformers.PreTrainedTokenizerFast if IS_V5 else transformers.Qwen2TokenizerFast

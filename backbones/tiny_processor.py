@@ -6,7 +6,8 @@ import transformers
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoProcessor, PretrainedConfig, ProcessorMixin
 
-_TF_MAJOR = int(transformers.__version__.split(".")[0])
+from . import _compat
+
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                   "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]  # fixed ids 0..6
@@ -46,13 +47,7 @@ def tiny_qwen_tokenizer():
     """Transformers tokenizer wrapping the char-level backend, accepted by Qwen2_5_VLProcessor."""
     kwargs = dict(tokenizer_object=_backend_tokenizer(), unk_token=UNK_TOKEN, eos_token="<|im_end|>",
                   pad_token="<|endoftext|>", clean_up_tokenization_spaces=False, model_max_length=32768)
-    if _TF_MAJOR < 5:
-        # 4.x: the processor type-checks for Qwen2Tokenizer(Fast); the fast one keeps `tokenizer_object` as is
-        # and is reloaded verbatim from tokenizer.json.
-        return transformers.Qwen2TokenizerFast(**kwargs)
-    # 5.x: only PreTrainedTokenizerBase is checked, and Qwen2Tokenizer would rebuild a byte-level BPE from the
-    # vocab on reload, so use the generic backend (saved as such, reloaded verbatim from tokenizer.json).
-    return transformers.PreTrainedTokenizerFast(**kwargs)
+    return _compat.char_tokenizer_class()(**kwargs)
 
 
 class TinyQwen2_5_VLConfig(PretrainedConfig):
@@ -79,11 +74,7 @@ AutoProcessor.register(TinyQwen2_5_VLConfig, TinyQwen2_5_VLProcessor, exist_ok=T
 def tiny_qwen2_5_vl_processor(min_pixels: int = 12544, max_pixels: int = 37632, patch_size: int = 14,
                               merge_size: int = 2):
     """Qwen2_5_VLProcessor built fully offline (PIL image processor, tiny tokenizer, Qwen chat template)."""
-    if _TF_MAJOR < 5:
-        image_processor_cls = transformers.Qwen2VLImageProcessor  # 4.x: the slow one is the PIL/numpy one
-    else:
-        image_processor_cls = transformers.Qwen2VLImageProcessorPil  # 5.x: explicit PIL backend
-    image_processor = image_processor_cls(min_pixels=min_pixels, max_pixels=max_pixels,
-                                          patch_size=patch_size, merge_size=merge_size)
+    image_processor = _compat.qwen_image_processor(min_pixels=min_pixels, max_pixels=max_pixels,
+                                                   patch_size=patch_size, merge_size=merge_size)
     return TinyQwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tiny_qwen_tokenizer(),
                                    chat_template=QWEN_CHAT_TEMPLATE)

@@ -1,0 +1,72 @@
+"""`generate()` through a processor, `qzoom demo`, `qzoom infer`, and reference key mapping."""
+from __future__ import annotations
+
+import torch
+
+import qzoom_adapters as qz
+from backbones.qwen2_5_vl import Qwen2_5_VLSpec
+from backbones.tiny_processor import TINY_VOCAB_SIZE, tiny_qwen2_5_vl_processor
+from conftest import synthetic_image
+from recipes.cli import main
+
+
+def _tiny_chat_model():
+    torch.manual_seed(3)
+    cfg = Qwen2_5_VLSpec.tiny_config(text={"vocab_size": TINY_VOCAB_SIZE})
+    model = Qwen2_5_VLSpec.model_class()._from_config(cfg).eval()
+    model.generation_config.eos_token_id = 2
+    return model
+
+
+@torch.no_grad()
+def test_generate_equals_generate_from_inputs():
+    model, proc = _tiny_chat_model(), tiny_qwen2_5_vl_processor()
+    zoom = qz.QZoom(model, proc, twig=qz.TwigRPN.from_backbone(model, 3, 3), gate=qz.DynamicGate.from_backbone(model, 3, 3),
+                    config=qz.ZoomConfig(gate_threshold=0.0, roi_threshold=0.0))
+    images = [synthetic_image(300, 200, 4), synthetic_image(200, 260, 5)]
+    questions = ["What is written on the red plate?", "How many plates?"]
+    outs = zoom.generate(images, questions, max_new_tokens=5)
+    inputs = zoom.spec.chat_inputs(proc, images, questions)
+    again = zoom.generate_from_inputs(inputs, images, max_new_tokens=5)
+    assert [o.tokens for o in outs] == [o.tokens for o in again]
+    assert all(o.zoomed and isinstance(o.text, str) for o in outs)
+    assert outs[0].text == proc.tokenizer.decode(outs[0].tokens, skip_special_tokens=True)
+
+
+def test_demo_runs_and_writes_pictures(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--samples", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "RANDOMLY INITIALISED" in text and "summary: 3 questions" in text
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["sample_0.png", "sample_1.png", "sample_2.png"]
+
+
+def test_infer_from_saved_files(tmp_path, capsys):
+    model, proc = _tiny_chat_model(), tiny_qwen2_5_vl_processor()
+    model.save_pretrained(tmp_path / "model")
+    proc.save_pretrained(tmp_path / "model")
+    zoom = qz.QZoom(model, proc, twig=qz.TwigRPN.from_backbone(model, 3, 3), gate=qz.DynamicGate.from_backbone(model, 3, 3),
+                    config=qz.ZoomConfig(gate_threshold=0.0, roi_threshold=0.0))
+    zoom.save_pretrained(tmp_path / "adapters")
+    img = synthetic_image(300, 200, 6)
+    img.save(tmp_path / "img.png")
+    expected = zoom.generate([img], ["What is written?"], max_new_tokens=6)[0]
+    rc = main(["infer", "--adapters", str(tmp_path / "adapters"), "--model", str(tmp_path / "model"),
+               "--image", str(tmp_path / "img.png"), "--question", "What is written?", "--max-new-tokens", "6",
+               "--heatmap", str(tmp_path / "heat.png")])
+    out = capsys.readouterr().out
+    assert rc == 0 and f"zoomed=True box={expected.bbox}" in out and expected.text in out
+    assert (tmp_path / "heat.png").is_file()
+
+
+def test_reference_key_mapping_for_old_layouts():
+    from qzoom_adapters.io import _backbone_key_map
+
+    model = _tiny_chat_model()
+    own = set(model.state_dict())
+    old = ["model.layers.0.self_attn.q_proj.weight", "visual.blocks.0.norm1.weight", "lm_head.weight",
+           "model.embed_tokens.weight", "model.twig_layers.0.mlp.up_proj.weight"]
+    mapping = _backbone_key_map(model, old)
+    assert mapping["model.layers.0.self_attn.q_proj.weight"] in own
+    assert mapping["visual.blocks.0.norm1.weight"] in own
+    assert mapping["model.embed_tokens.weight"] in own
+    assert "model.twig_layers.0.mlp.up_proj.weight" not in mapping
