@@ -1,0 +1,1 @@
+"""Accuracy and speed benchmarks (not in this release)."""
