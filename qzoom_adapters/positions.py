@@ -27,7 +27,7 @@ def roi_position_ids(
     axes = pos.shape[0]
     h_r, w_r = roi_grid
     n = h_r * w_r
-    pos = pos.to(torch.float32)
+    pos = pos.to("cpu", torch.float32)  # small bookkeeping tensor; the pipeline moves it to the device
     p_e = pos[0, P]
     shift = max(h_r, w_r) + 2
     if axes != 3:

@@ -59,7 +59,7 @@ def box_to_pixels(box_tok, grid_hw, image_wh, min_side: int = 28) -> tuple[int, 
 
 def roi_from_heatmap(logits: torch.Tensor, sink: torch.Tensor, roi_threshold: float, kernel: int, sigma: float):
     """(h, w) twig logits -> (blurred map, token box or None)."""
-    prob = torch.sigmoid(logits.float()) * sink.to(torch.float32)
+    prob = torch.sigmoid(logits.float()) * sink.to(device=logits.device, dtype=torch.float32)
     blurred = gaussian_blur(prob, kernel, sigma)
     return blurred, token_box(blurred > roi_threshold)
 

@@ -218,4 +218,18 @@ def test_backbone_untouched_and_no_hooks_left(model, ip, batch3):
     assert _hooks_clean(model)
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k
-    assert all(not p.requires_grad or True for p in model.parameters())
+
+
+@torch.no_grad()
+def test_capture_hook_records_prefill_only_and_is_removed(model, ip, batch3):
+    images, qs = batch3
+    inputs = make_inputs(images[:1], qs[:1], ip)
+    spec = qz.get_spec(model)
+    with qz.capture_layer_input(spec.layers[K]) as cap:
+        model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert cap.calls == 1 and cap.hidden.shape[1] == inputs["input_ids"].shape[1]
+    assert "position_embeddings" in cap.kwargs and _hooks_clean(model)
+    # the clone is independent of the backbone's later in-place writes
+    before = cap.hidden.clone()
+    model.generate(**inputs, max_new_tokens=2, do_sample=False)
+    assert torch.equal(before, cap.hidden)
