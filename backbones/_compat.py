@@ -9,6 +9,7 @@ signature of `get_rope_index` (5.x needs `mm_token_type_ids`), the return type o
 from __future__ import annotations
 
 import importlib
+import inspect
 import sys
 
 import torch
@@ -18,8 +19,19 @@ from transformers.cache_utils import DynamicCache
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 IS_V5 = TRANSFORMERS_MAJOR >= 5
 
-#: keyword under which decoder layers and text models take the KV cache
-CACHE_KW = "cache" if IS_V5 else "past_key_values"
+
+def cache_keyword(module: torch.nn.Module) -> str:
+    """Keyword under which `module.forward` takes the KV cache.
+
+    Read from the signature, not the version: 5.x renamed `past_key_values` to `cache` mid-line
+    (5.17 still has `past_key_values`; 5.24 has `cache`).
+    """
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _kwargs_cache_key(kwargs: dict) -> str:
+    return "cache" if "cache" in kwargs else "past_key_values"
 
 
 def new_cache() -> DynamicCache:
@@ -49,14 +61,14 @@ def layer_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def text_model_kwargs(cache) -> dict:
-    return {CACHE_KW: cache}
+def text_model_kwargs(text_model: torch.nn.Module, cache) -> dict:
+    return {cache_keyword(text_model): cache}
 
 
 def strip_cache(kwargs: dict) -> dict:
-    """Layer kwargs for running without a cache."""
+    """Captured layer kwargs for running without a cache."""
     out = dict(kwargs)
-    out[CACHE_KW] = None
+    out[_kwargs_cache_key(kwargs)] = None
     out["use_cache"] = False
     out.pop("cache_position", None)
     return out
@@ -64,7 +76,7 @@ def strip_cache(kwargs: dict) -> dict:
 
 def with_cache(kwargs: dict, cache) -> dict:
     out = dict(kwargs)
-    out[CACHE_KW] = cache
+    out[_kwargs_cache_key(kwargs)] = cache
     out["use_cache"] = True
     return out
 

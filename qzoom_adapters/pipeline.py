@@ -194,7 +194,8 @@ class QZoom:
         rows = sorted(crops)
         lo, hi = self._crop_budget()
         enc = spec.process_crops(self.image_processor, [crops[i].image for i in rows], lo, hi)
-        roi_embeds = spec.encode_images(enc["pixel_values"].to(a.embeds.device), enc["image_grid_thw"])
+        enc = {k: v.to(a.ids.device) for k, v in enc.items()}
+        roi_embeds = spec.encode_images(enc["pixel_values"], enc["image_grid_thw"])
         seqs = []
         for j, i in enumerate(rows):
             valid = a.mask[i].bool()

@@ -35,8 +35,13 @@ class Trunk:
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=cache is not None,
-            **_compat.text_model_kwargs(cache),
+            **_compat.text_model_kwargs(self.spec.text_model, cache),
         )
+        if cache is not None and stop > 0 and _compat.cache_num_layers(cache) < stop:
+            raise RuntimeError(
+                f"{type(self.spec.text_model).__name__} did not fill the KV cache it was given; this "
+                "transformers version passes the cache differently (see backbones/_compat.py)"
+            )
         return cap.hidden, cap.kwargs
 
     def layer_kwargs(self, embeds, attention_mask, position_ids) -> dict:
@@ -60,6 +65,6 @@ class Trunk:
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=True,
-            **_compat.text_model_kwargs(cache),
+            **_compat.text_model_kwargs(self.spec.text_model, cache),
         )
         return self.spec.lm_head(out.last_hidden_state[:, -1]).float()
