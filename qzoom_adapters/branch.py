@@ -48,6 +48,6 @@ class Branch(nn.Module):
             )
         check_branch_point(len(spec.layers), self.K, self.T)
 
-    def run_body(self, spec, hidden: torch.Tensor, kwargs: dict, trunk, n: int) -> torch.Tensor:
+    def run_body(self, hidden: torch.Tensor, kwargs: dict, trunk, n: int) -> torch.Tensor:
         """Run the first `n` branch layers in full (no cache)."""
         return trunk.run_layers(self.layers[:n], hidden, kwargs)

@@ -23,5 +23,5 @@ class DynamicGate(Branch):
 
     def logits(self, spec, hidden: torch.Tensor, kwargs: dict, trunk) -> torch.Tensor:
         """(B,) gate logits; `z` is the last gate layer's output at the last token, without final norm."""
-        z = self.run_body(spec, hidden, kwargs, trunk, self.T)[:, -1]
+        z = self.run_body(hidden, kwargs, trunk, self.T)[:, -1]
         return self.head(z).float().squeeze(-1)

@@ -67,17 +67,6 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
                          "re-save the adapters") from err
 
 
-def _load_branch(module, tensors: dict, prefix: str, where: Path):
-    own = {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-    result = module.load_state_dict(own, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise QZoomError(
-            f"{where}: {prefix} tensors do not match the model (missing {result.missing_keys[:4]}, "
-            f"unexpected {result.unexpected_keys[:4]}); were the adapters saved for another backbone size?"
-        )
-    return module
-
-
 def load_adapters(path, model) -> tuple[TwigRPN | None, DynamicGate | None, ZoomConfig]:
     """Rebuild twig/gate for `model` from an adapter folder written by `save_adapters`."""
     path = Path(path)
@@ -101,8 +90,8 @@ def load_adapters(path, model) -> tuple[TwigRPN | None, DynamicGate | None, Zoom
     if cfg.hidden_size != spec.hidden_size:
         raise QZoomError(f"adapters have hidden size {cfg.hidden_size} but the model has {spec.hidden_size}")
     tensors = _read_safetensors(path / WEIGHTS_NAME)
-    twig = _load_branch(TwigRPN.from_backbone(model, cfg.K, cfg.T), tensors, "twig", path) if cfg.has_twig else None
-    gate = _load_branch(DynamicGate.from_backbone(model, cfg.K, cfg.T), tensors, "gate", path) if cfg.has_gate else None
+    twig = _load_state(TwigRPN.from_backbone(model, cfg.K, cfg.T), _prefixed(tensors, "twig"), path, "twig") if cfg.has_twig else None
+    gate = _load_state(DynamicGate.from_backbone(model, cfg.K, cfg.T), _prefixed(tensors, "gate"), path, "gate") if cfg.has_gate else None
     return twig, gate, cfg.zoom
 
 
@@ -209,10 +198,17 @@ def load_reference_checkpoint(path, torch_dtype=torch.float32, device=None, attn
     return model, twig, gate, fields
 
 
+def _prefixed(tensors: dict, prefix: str) -> dict:
+    return {k[len(prefix) + 1 :]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
 def _load_state(module, state: dict, path: Path, what: str):
+    """Load `state` into an adapter module (cast to its dtype); any missing or extra key is an error."""
     ref = next(module.parameters())
     result = module.load_state_dict({k: v.to(ref.dtype) for k, v in state.items()}, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise QZoomError(f"{path}: {what} tensors do not fit (missing {result.missing_keys[:4]}, "
-                         f"unexpected {result.unexpected_keys[:4]})")
+        raise QZoomError(
+            f"{path}: {what} tensors do not fit the model (missing {result.missing_keys[:4]}, "
+            f"unexpected {result.unexpected_keys[:4]}); were they saved for another backbone size?"
+        )
     return module

@@ -34,10 +34,31 @@ class _PassA:
     cache: object
     grid: torch.Tensor
 
+    def rows_kwargs(self, trunk, sel: torch.Tensor) -> dict:
+        """Layer kwargs (mask, rotary) for a subset of the batch."""
+        if sel.numel() == self.ids.shape[0]:
+            return self.kwargs
+        return trunk.layer_kwargs(self.embeds[sel], self.mask[sel], self.pos[:, sel])
+
+    def rows_cache(self, sel: torch.Tensor, n_layers: int, upto: int | None = None):
+        """A new cache holding rows `sel` (first `upto` columns) of layers `0..n_layers-1`."""
+        kvs = [_compat.cache_kv(self.cache, layer) for layer in range(n_layers)]
+        return _compat.cache_from_kv([tuple(t[sel, :, :upto] for t in kv) for kv in kvs])
+
+
+@dataclass
+class _RoiSeq:
+    """One zoomed sample's RoI sequence (unpadded) and where its pass-A prefix sits."""
+
+    pad: int  # left padding in pass A
+    P: int  # index of the global <vision_end> in the unpadded sequence
+    ids: torch.Tensor
+    pos: torch.Tensor
+    grid: torch.Tensor  # the crop's image_grid_thw
+
 
 @dataclass
 class _Crop:
-    sample: int
     box_tok: tuple[int, int, int, int]
     box_px: tuple[int, int, int, int]
     image: object
@@ -147,8 +168,7 @@ class QZoom:
         cfg, spec = self.config, self.spec
         rows = [i for i, z in enumerate(want_zoom) if z]
         sel = torch.tensor(rows, device=a.ids.device)
-        kwargs = a.kwargs if len(rows) == a.ids.shape[0] else self.trunk.layer_kwargs(a.embeds[sel], a.mask[sel], a.pos[:, sel])
-        scores = self.twig.query_scores(spec, a.hK[sel], kwargs, self.trunk)
+        scores = self.twig.query_scores(spec, a.hK[sel], a.rows_kwargs(self.trunk, sel), self.trunk)
         for j, i in enumerate(rows):
             h_t, w_t = spec.token_grid(a.grid[i])
             logits = scores[j][a.ids[i] == spec.image_token_id].reshape(h_t, w_t)
@@ -159,22 +179,16 @@ class QZoom:
                 continue  # empty mask: answer directly
             box = clip_box_to_grid(box, (h_t, w_t))
             box_px = box_to_pixels(box, (h_t, w_t), images[i].size, cfg.min_crop_px)
-            crops[i] = _Crop(i, box, box_px, images[i].convert("RGB").crop(box_px))
+            crops[i] = _Crop(box, box_px, images[i].convert("RGB").crop(box_px))
         return heatmaps, blurred, crops
 
     # --- direct path: layers K..L-1 on the same sequence ------------------------------------
     def _direct_pass(self, a: _PassA, rows: list[int], max_new_tokens: int) -> dict:
-        B = a.ids.shape[0]
-        if len(rows) == B:
-            cache, kwargs, hK, mask, pos = a.cache, a.kwargs, a.hK, a.mask, a.pos
-        else:
-            sel = torch.tensor(rows, device=a.ids.device)
-            cache = _compat.cache_from_kv(
-                [tuple(t[sel] for t in _compat.cache_kv(a.cache, l)) for l in range(self.K)]
-            )
-            mask, pos, hK = a.mask[sel], a.pos[:, sel], a.hK[sel]
-            kwargs = self.trunk.layer_kwargs(a.embeds[sel], mask, pos)
-        return self._finish(hK, kwargs, cache, mask, pos, rows, max_new_tokens)
+        if len(rows) == a.ids.shape[0]:  # the whole batch: continue on pass A's own cache
+            return self._finish(a.hK, a.kwargs, a.cache, a.mask, a.pos, rows, max_new_tokens)
+        sel = torch.tensor(rows, device=a.ids.device)
+        return self._finish(a.hK[sel], a.rows_kwargs(self.trunk, sel), a.rows_cache(sel, self.K),
+                            a.mask[sel], a.pos[:, sel], rows, max_new_tokens)
 
     def _finish(self, hK, kwargs, cache, mask, pos, rows, max_new_tokens) -> dict:
         """Layers K..L-1 over the whole sequence, then greedy decoding; per-sample results."""
@@ -200,15 +214,17 @@ class QZoom:
         for j, i in enumerate(rows):
             valid = a.mask[i].bool()
             ids, pos = a.ids[i][valid], a.pos[:, i][:, valid]
-            pad = int((~valid).sum())
             P = int((ids == spec.vision_end_id).nonzero()[0])
             s0 = int((ids == spec.image_token_id).nonzero()[0])
-            grid_r = spec.token_grid(enc["image_grid_thw"][j])
-            new_ids = roi_input_ids(ids, P, roi_embeds[j].shape[0], spec.vision_start_id, spec.vision_end_id, spec.image_token_id)
-            new_pos = roi_position_ids(pos, P, s0, grid_r, crops[i].box_tok, cfg.position_mode)
-            seqs.append((pad, pad + P, new_ids[P:], new_pos[:, P:], new_ids, new_pos, enc["image_grid_thw"][j]))
-        C = max(s[1] for s in seqs)
-        L = max(s[2].shape[0] for s in seqs)
+            grid = enc["image_grid_thw"][j]
+            seqs.append(_RoiSeq(
+                pad=int((~valid).sum()), P=P, grid=grid,
+                ids=roi_input_ids(ids, P, roi_embeds[j].shape[0], spec.vision_start_id, spec.vision_end_id,
+                                  spec.image_token_id),
+                pos=roi_position_ids(pos, P, s0, spec.token_grid(grid), crops[i].box_tok, cfg.position_mode),
+            ))
+        C = max(q.pad + q.P for q in seqs)  # every cached prefix ends by column C
+        L = max(q.ids.shape[0] - q.P for q in seqs)  # longest suffix [P:]
         n, dev = len(rows), a.ids.device
         ids = torch.zeros(n, C + L, dtype=a.ids.dtype, device=dev)
         mask = torch.zeros(n, C + L, dtype=a.mask.dtype, device=dev)
@@ -216,23 +232,22 @@ class QZoom:
         sel = torch.tensor(rows, device=dev)
         ids[:, :C] = a.ids[sel, :C]
         pos[:, :, :C] = a.pos[:, sel, :C].float()
-        for j, (start, P_abs, suf_ids, suf_pos, *_rest) in enumerate(seqs):
-            mask[j, start:P_abs] = 1
-            ids[j, C + L - suf_ids.shape[0] :] = suf_ids
-            pos[:, j, C + L - suf_ids.shape[0] :] = suf_pos.to(dev)
-            mask[j, C + L - suf_ids.shape[0] :] = 1
+        for j, q in enumerate(seqs):
+            start = C + L - (q.ids.shape[0] - q.P)
+            mask[j, q.pad : q.pad + q.P] = 1
+            mask[j, start:] = 1
+            ids[j, start:] = q.ids[q.P :]
+            pos[:, j, start:] = q.pos[:, q.P :].to(dev)
         if cfg.position_mode == "sequential":
             pos = pos.round().long()  # integral in this mode; keep the backbone's own dtype
         suffix_embeds = self.trunk.embed(ids[:, C:], torch.cat(roi_embeds))
-        cache = _compat.cache_from_kv(
-            [tuple(t[sel, :, :C] for t in _compat.cache_kv(a.cache, l)) for l in range(self.K)]
-        )
+        cache = a.rows_cache(sel, self.K, upto=C)
         hK_suffix, _ = self.trunk.forward_to(self.K, suffix_embeds, mask, pos[:, :, C:], cache)
         hK = torch.cat([a.hK[sel, :C], hK_suffix], dim=1)
         embeds = torch.cat([a.embeds[sel, :C], suffix_embeds], dim=1)
         kwargs = self.trunk.layer_kwargs(embeds, mask, pos)
         out = self._finish(hK, kwargs, cache, mask, pos, rows, max_new_tokens)
-        return {i: out[i] + (s[4], s[5], s[6]) for i, s in zip(rows, seqs)}
+        return {i: out[i] + (q,) for i, q in zip(rows, seqs)}
 
     def _crop_budget(self) -> tuple[int, int]:
         cfg = self.config
@@ -251,7 +266,7 @@ class QZoom:
         r_tokens, r_first = roi[i][:2] if zoomed else (None, None)
         tokens, first = (r_tokens, r_first) if zoomed else (d_tokens, d_first)
         n_global = int((a.ids[i] == self.spec.image_token_id).sum())
-        n_roi = int((roi[i][2] == self.spec.image_token_id).sum()) - n_global if zoomed else 0  # ids hold both
+        n_roi = int((roi[i][2].ids == self.spec.image_token_id).sum()) - n_global if zoomed else 0  # ids hold both
         out = ZoomOutput(
             tokens=tokens,
             text=self._decode(tokens),
@@ -271,9 +286,9 @@ class QZoom:
                 "gate_prob": out.gate_prob,
                 "bbox_tokens": crops[i].box_tok if i in crops else None,
                 "bbox_pixels": crops[i].box_px if i in crops else None,
-                "roi_image_grid_thw": roi[i][4].cpu() if zoomed else None,
-                "roi_input_ids": roi[i][2].cpu() if zoomed else None,
-                "roi_position_ids": roi[i][3].float().cpu() if zoomed else None,
+                "roi_image_grid_thw": roi[i][2].grid.cpu() if zoomed else None,
+                "roi_input_ids": roi[i][2].ids.cpu() if zoomed else None,
+                "roi_position_ids": roi[i][2].pos.float().cpu() if zoomed else None,
                 "first_logits": first,
                 "direct_first_logits": d_first,
             }

@@ -17,7 +17,7 @@ class TwigRPN(Branch):
 
     def query_scores(self, spec, hidden: torch.Tensor, kwargs: dict, trunk) -> torch.Tensor:
         """(B, S) logits of the last sequence position's query against every key."""
-        h = self.run_body(spec, hidden, kwargs, trunk, self.T - 1)
+        h = self.run_body(hidden, kwargs, trunk, self.T - 1)
         q, k = spec.query_key(self.layers[-1], h, kwargs)  # q (B,H,1,D), k (B,KV,S,D)
         heads, kv_heads, dim = q.shape[1], k.shape[1], q.shape[-1]
         k = k.repeat_interleave(heads // kv_heads, dim=1)
