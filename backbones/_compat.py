@@ -86,7 +86,7 @@ def modeling_module(module: torch.nn.Module):
     return sys.modules.get(type(module).__module__) or importlib.import_module(type(module).__module__)
 
 
-def apply_mrope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: torch.nn.Module):
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: torch.nn.Module):
     """Apply the backbone's own rotary function to (B, H, S, D) q and k.
 
     On 4.57 M-RoPE cos/sin arrive per axis (3, B, S, D) and the attention merges
@@ -109,12 +109,21 @@ def rope_index(model_core, input_ids, image_grid_thw, attention_mask, image_toke
     return model_core.get_rope_index(input_ids, image_grid_thw, None, attention_mask=attention_mask)
 
 
-def image_features(model_core, pixel_values, grid_thw) -> list[torch.Tensor]:
-    """Per-image merged vision embeddings, as a list."""
-    out = model_core.get_image_features(pixel_values, grid_thw)
+def image_features(model_core, pixel_values, grid_thw=None, **kwargs):
+    """(per-image embeddings, per-layer deepstack features or ()) from `get_image_features`.
+
+    4.57 returns a list, or for Qwen3-VL a tuple (embeddings, deepstack concatenated over
+    images); 5.x returns an output object with `pooler_output` and `deepstack_features`
+    (split per image).
+    """
+    args = (pixel_values,) if grid_thw is None else (pixel_values, grid_thw)
+    out = model_core.get_image_features(*args, **kwargs)
     if hasattr(out, "pooler_output"):
-        out = out.pooler_output
-    return list(out)
+        deep = getattr(out, "deepstack_features", None) or ()
+        return list(out.pooler_output), tuple(torch.cat(list(d)) if isinstance(d, (list, tuple)) else d for d in deep)
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], list):
+        return list(out[0]), tuple(out[1])
+    return list(out), ()
 
 
 def budget_kwargs(min_pixels: int, max_pixels: int) -> dict:

@@ -10,9 +10,12 @@ from .errors import QZoomError
 from .spec import get_spec
 
 
-def check_branch_point(num_layers: int, K: int, T: int) -> None:
+def check_branch_point(num_layers: int, K: int, T: int, min_K: int = 1) -> None:
     if K < 1 or T < 1:
         raise QZoomError(f"K and T must be >= 1 (got K={K}, T={T})")
+    if K < min_K:
+        raise QZoomError(f"this backbone still changes image tokens before layer {min_K} (e.g. deepstack); "
+                         f"branch at K >= {min_K} (got K={K})")
     if K + T > num_layers:
         raise QZoomError(
             f"a branch at K={K} with T={T} layers needs K+T <= {num_layers} (the model has {num_layers} "
@@ -34,7 +37,7 @@ class Branch(nn.Module):
     def from_backbone(cls, model: nn.Module, K: int, T: int = 3, **kwargs):
         """Copy `layers[K:K+T]` of `model` (separate parameters, same class, dtype and device)."""
         spec = get_spec(model)
-        check_branch_point(len(spec.layers), K, T)
+        check_branch_point(len(spec.layers), K, T, spec.min_branch_layer)
         layers = nn.ModuleList(copy.deepcopy(spec.layers[K + i]) for i in range(T))
         for p in layers.parameters():
             p.requires_grad_(True)
@@ -46,7 +49,7 @@ class Branch(nn.Module):
                 f"{type(self).__name__} was built for backbone family {self.family!r} but the model is "
                 f"{spec.family!r}; load adapters into a model of the family they were trained on"
             )
-        check_branch_point(len(spec.layers), self.K, self.T)
+        check_branch_point(len(spec.layers), self.K, self.T, spec.min_branch_layer)
 
     def run_body(self, hidden: torch.Tensor, kwargs: dict, trunk, n: int) -> torch.Tensor:
         """Run the first `n` branch layers in full (no cache)."""

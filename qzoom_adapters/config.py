@@ -30,7 +30,8 @@ class ZoomConfig(_Tolerant):
     min_crop_px: int = Field(28, ge=1)
     blur_kernel: int = Field(3, ge=1)
     blur_sigma: float = Field(1.0, gt=0.0)
-    position_mode: Literal["aligned", "sequential"] = "aligned"
+    position_mode: Literal["aligned", "sequential"] | None = Field(
+        None, description="None = the backbone's default (aligned for M-RoPE, sequential for 1-D RoPE)")
     crop_min_pixels: int | None = Field(None, ge=1, description="None = the global view's min_pixels")
     crop_max_pixels: int | None = Field(None, ge=1, description="None = the global view's max_pixels")
     emit_direct: bool = Field(False, description="also decode the direct answer when zoomed")

@@ -51,7 +51,7 @@ class _RoiSeq:
     """One zoomed sample's RoI sequence (unpadded) and where its pass-A prefix sits."""
 
     pad: int  # left padding in pass A
-    P: int  # index of the global <vision_end> in the unpadded sequence
+    P: int  # where the RoI block starts in the unpadded sequence: the cached prefix is [:P]
     ids: torch.Tensor
     pos: torch.Tensor
     grid: torch.Tensor  # the crop's image_grid_thw
@@ -98,6 +98,11 @@ class QZoom:
         return branch.K
 
     @property
+    def position_mode(self) -> str:
+        """The configured RoI position mode, or the backbone's default."""
+        return self.config.position_mode or self.spec.default_position_mode
+
+    @property
     def tokenizer(self):
         return getattr(self.processor, "tokenizer", self.processor if hasattr(self.processor, "decode") else None)
 
@@ -139,12 +144,13 @@ class QZoom:
             raise QZoomError(f"got {len(images)} source images for a batch of {ids.shape[0]}")
         for image in images:
             check_source_image(image, self.config.min_crop_px)
-        grid = inputs["image_grid_thw"]
-        image_embeds = torch.cat(spec.encode_images(inputs["pixel_values"], grid))
-        embeds = self.trunk.embed(ids, image_embeds)
+        grid = spec.image_grids(inputs)
+        feats = spec.encode_images(inputs["pixel_values"], grid)
+        embeds = self.trunk.embed(ids, feats.embeds)
         pos = spec.position_ids(ids, mask, grid)
         cache = _compat.new_cache()
-        hK, kwargs = self.trunk.forward_to(self.K, embeds, mask, pos, cache)
+        extra = spec.decoder_inputs(ids == spec.image_token_id, feats)
+        hK, kwargs = self.trunk.forward_to(self.K, embeds, mask, pos, cache, extra)
         return _PassA(ids, mask, pos, embeds, hK, kwargs, cache, grid)
 
     # --- gate ----------------------------------------------------------------------------
@@ -168,17 +174,20 @@ class QZoom:
         cfg, spec = self.config, self.spec
         rows = [i for i, z in enumerate(want_zoom) if z]
         sel = torch.tensor(rows, device=a.ids.device)
-        scores = self.twig.query_scores(spec, a.hK[sel], a.rows_kwargs(self.trunk, sel), self.trunk)
+        first = a.mask[sel].argmax(dim=1)  # first real token (left padding)
+        scores, first_scores = self.twig.query_scores(spec, a.hK[sel], a.rows_kwargs(self.trunk, sel), self.trunk, first)
         for j, i in enumerate(rows):
             h_t, w_t = spec.token_grid(a.grid[i])
-            logits = scores[j][a.ids[i] == spec.image_token_id].reshape(h_t, w_t)
-            sink = spec.sink_mask(h_t, w_t, sample=i)
+            is_img = a.ids[i] == spec.image_token_id
+            logits = scores[j][is_img].reshape(h_t, w_t)
+            sink = spec.sink_mask(h_t, w_t, first_token_scores=first_scores[j][is_img].reshape(h_t, w_t))
             blur, box = roi_from_heatmap(logits, sink, cfg.roi_threshold, cfg.blur_kernel, cfg.blur_sigma)
             heatmaps[i], blurred[i] = logits.cpu(), blur.cpu()
             if box is None:
                 continue  # empty mask: answer directly
             box = clip_box_to_grid(box, (h_t, w_t))
-            box_px = box_to_pixels(box, (h_t, w_t), images[i].size, cfg.min_crop_px)
+            window = spec.source_window(self.image_processor, images[i].size)
+            box_px = box_to_pixels(box, (h_t, w_t), images[i].size, cfg.min_crop_px, window)
             crops[i] = _Crop(box, box_px, images[i].convert("RGB").crop(box_px))
         return heatmaps, blurred, crops
 
@@ -204,31 +213,34 @@ class QZoom:
         Layout per sample: [left pad | prefix (cached) | middle pad | suffix]; every prefix ends
         by column C and every suffix ends at the last column, so the suffix block is shared.
         """
-        spec, cfg = self.spec, self.config
+        spec, cfg, mode = self.spec, self.config, self.position_mode
         rows = sorted(crops)
-        lo, hi = self._crop_budget()
-        enc = spec.process_crops(self.image_processor, [crops[i].image for i in rows], lo, hi)
+        if self.image_processor is None:
+            raise QZoomError("zooming re-encodes the crop: pass `image_processor=` (or a processor) to QZoom")
+        enc = spec.process_crops(self.image_processor, [crops[i].image for i in rows],
+                                 cfg.crop_min_pixels, cfg.crop_max_pixels)
         enc = {k: v.to(a.ids.device) for k, v in enc.items()}
-        roi_embeds = spec.encode_images(enc["pixel_values"], enc["image_grid_thw"])
+        roi_feats = spec.encode_images(enc["pixel_values"], enc["image_grid_thw"])
+        markers = spec.vision_start_id is not None
         seqs = []
         for j, i in enumerate(rows):
             valid = a.mask[i].bool()
             ids, pos = a.ids[i][valid], a.pos[:, i][:, valid]
-            P = int((ids == spec.vision_end_id).nonzero()[0])
+            at = spec.roi_insert_index(ids)
             s0 = int((ids == spec.image_token_id).nonzero()[0])
             grid = enc["image_grid_thw"][j]
+            h_r, w_r = spec.token_grid(grid)
             seqs.append(_RoiSeq(
-                pad=int((~valid).sum()), P=P, grid=grid,
-                ids=roi_input_ids(ids, P, roi_embeds[j].shape[0], spec.vision_start_id, spec.vision_end_id,
-                                  spec.image_token_id),
-                pos=roi_position_ids(pos, P, s0, spec.token_grid(grid), crops[i].box_tok, cfg.position_mode),
+                pad=int((~valid).sum()), P=at, grid=grid,
+                ids=roi_input_ids(ids, at, h_r * w_r, spec.image_token_id, spec.vision_start_id, spec.vision_end_id),
+                pos=roi_position_ids(pos, at, s0, (h_r, w_r), crops[i].box_tok, mode, markers),
             ))
         C = max(q.pad + q.P for q in seqs)  # every cached prefix ends by column C
         L = max(q.ids.shape[0] - q.P for q in seqs)  # longest suffix [P:]
         n, dev = len(rows), a.ids.device
         ids = torch.zeros(n, C + L, dtype=a.ids.dtype, device=dev)
         mask = torch.zeros(n, C + L, dtype=a.mask.dtype, device=dev)
-        pos = torch.zeros(3, n, C + L, dtype=torch.float32, device=dev)
+        pos = torch.zeros(a.pos.shape[0], n, C + L, dtype=torch.float32, device=dev)
         sel = torch.tensor(rows, device=dev)
         ids[:, :C] = a.ids[sel, :C]
         pos[:, :, :C] = a.pos[:, sel, :C].float()
@@ -238,26 +250,17 @@ class QZoom:
             mask[j, start:] = 1
             ids[j, start:] = q.ids[q.P :]
             pos[:, j, start:] = q.pos[:, q.P :].to(dev)
-        if cfg.position_mode == "sequential":
+        if mode == "sequential":
             pos = pos.round().long()  # integral in this mode; keep the backbone's own dtype
-        suffix_embeds = self.trunk.embed(ids[:, C:], torch.cat(roi_embeds))
+        suffix_embeds = self.trunk.embed(ids[:, C:], roi_feats.embeds)
+        extra = spec.decoder_inputs(ids[:, C:] == spec.image_token_id, roi_feats)
         cache = a.rows_cache(sel, self.K, upto=C)
-        hK_suffix, _ = self.trunk.forward_to(self.K, suffix_embeds, mask, pos[:, :, C:], cache)
+        hK_suffix, _ = self.trunk.forward_to(self.K, suffix_embeds, mask, pos[:, :, C:], cache, extra)
         hK = torch.cat([a.hK[sel, :C], hK_suffix], dim=1)
         embeds = torch.cat([a.embeds[sel, :C], suffix_embeds], dim=1)
         kwargs = self.trunk.layer_kwargs(embeds, mask, pos)
         out = self._finish(hK, kwargs, cache, mask, pos, rows, max_new_tokens)
         return {i: out[i] + (q,) for i, q in zip(rows, seqs)}
-
-    def _crop_budget(self) -> tuple[int, int]:
-        cfg = self.config
-        if self.image_processor is None:
-            raise QZoomError("zooming re-encodes the crop: pass `image_processor=` (or a processor) to QZoom")
-        lo, hi = cfg.crop_min_pixels, cfg.crop_max_pixels
-        if lo is None or hi is None:
-            g_lo, g_hi = self.spec.global_budget(self.image_processor)
-            lo, hi = lo or g_lo, hi or g_hi
-        return lo, hi
 
     # --- per-sample output ---------------------------------------------------------------------
     def _output(self, i, a: _PassA, gate_prob, heatmaps, blurred, crops, roi, direct, return_trace) -> ZoomOutput:

@@ -46,14 +46,25 @@ def _grow_side(lo: float, hi: float, limit: float, min_side: float) -> tuple[flo
     return max(lo, 0.0), min(hi, float(limit))
 
 
-def box_to_pixels(box_tok, grid_hw, image_wh, min_side: int = 28) -> tuple[int, int, int, int]:
-    """Token box -> source-pixel box, grown to `min_side` px (shift, don't shrink), truncated to int."""
+def box_to_pixels(box_tok, grid_hw, image_wh, min_side: int = 28, window=None) -> tuple[int, int, int, int]:
+    """Token box -> source-pixel box, grown to `min_side` px (shift, don't shrink), truncated to int.
+
+    `window` (x0, y0, x1, y1) is the source region the token grid spans (default: the whole image;
+    e.g. the centre square for a centre-cropping processor).
+    """
     x1, y1, x2, y2 = box_tok
     h_t, w_t = grid_hw
     W, H = image_wh
     _check_size(W, H, min_side)
-    px1, px2 = _grow_side(x1 * W / w_t, x2 * W / w_t, W, min_side)
-    py1, py2 = _grow_side(y1 * H / h_t, y2 * H / h_t, H, min_side)
+    if window is None:
+        px1, px2, py1, py2 = x1 * W / w_t, x2 * W / w_t, y1 * H / h_t, y2 * H / h_t
+    else:
+        wx0, wy0, wx1, wy1 = window
+        sx, sy = (wx1 - wx0) / w_t, (wy1 - wy0) / h_t
+        px1, px2 = max(0.0, wx0 + x1 * sx), min(float(W), wx0 + x2 * sx)
+        py1, py2 = max(0.0, wy0 + y1 * sy), min(float(H), wy0 + y2 * sy)
+    px1, px2 = _grow_side(px1, px2, W, min_side)
+    py1, py2 = _grow_side(py1, py2, H, min_side)
     return int(px1), int(py1), int(px2), int(py2)
 
 

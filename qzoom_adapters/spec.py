@@ -1,6 +1,7 @@
 """The `BackboneSpec` protocol: everything the core needs from a model family, and the registry."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -10,6 +11,19 @@ from torch import nn
 from .errors import QZoomError
 
 ENTRY_POINT_GROUP = "qzoom_adapters.backbones"
+
+
+@dataclass
+class VisualFeatures:
+    """Vision-tower output for a list of images, rows in image-token order.
+
+    `embeds` (N, D) replace the image placeholder embeddings; `deepstack` holds, per decoder
+    layer i, (N, D) features the backbone adds to the image tokens' hidden states after layer i
+    (Qwen3-VL's deepstack; empty for most families).
+    """
+
+    embeds: torch.Tensor
+    deepstack: tuple[torch.Tensor, ...] = ()
 
 
 @runtime_checkable
@@ -24,6 +38,7 @@ class BackboneSpec(Protocol):
     family: ClassVar[str]
     model_types: ClassVar[tuple[str, ...]]  # HF `config.model_type` values this spec handles
     rope_axes: ClassVar[int]  # 3 for M-RoPE, 1 for plain RoPE
+    default_position_mode: ClassVar[str]  # "aligned" | "sequential" when ZoomConfig leaves it unset
 
     model: nn.Module
 
@@ -43,26 +58,29 @@ class BackboneSpec(Protocol):
     @property
     def image_token_id(self) -> int: ...
     @property
-    def vision_start_id(self) -> int: ...
+    def vision_start_id(self) -> int | None: ...  # None: the RoI block has no start/end markers
     @property
-    def vision_end_id(self) -> int: ...
+    def vision_end_id(self) -> int | None: ...
+    @property
+    def min_branch_layer(self) -> int: ...
 
     # --- inputs ----------------------------------------------------------------------
     def validate_inputs(self, inputs: dict) -> None: ...
-    def encode_images(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> list[torch.Tensor]: ...
-    def token_grid(self, grid_thw_row: torch.Tensor) -> tuple[int, int]: ...
-    def position_ids(self, input_ids, attention_mask, grid_thw) -> torch.Tensor: ...
-    def global_budget(self, image_processor) -> tuple[int, int]: ...
-    def process_crops(self, image_processor, crops: list, min_pixels: int, max_pixels: int) -> dict: ...
+    def image_grids(self, inputs: dict) -> torch.Tensor: ...  # (B, 3) rows that token_grid reads
+    def encode_images(self, pixel_values: torch.Tensor, grids: torch.Tensor) -> VisualFeatures: ...
+    def decoder_inputs(self, image_mask: torch.Tensor, features: VisualFeatures) -> dict: ...
+    def token_grid(self, grid_row: torch.Tensor) -> tuple[int, int]: ...
+    def position_ids(self, input_ids, attention_mask, grids) -> torch.Tensor: ...  # (axes, B, S)
+    def roi_insert_index(self, ids: torch.Tensor) -> int: ...
+    def source_window(self, image_processor, image_size: tuple[int, int]) -> tuple[float, float, float, float]: ...
+    def process_crops(self, image_processor, crops: list, min_pixels: int | None, max_pixels: int | None) -> dict: ...
     def chat_inputs(self, processor, images: list, questions: list[str]) -> dict: ...
 
     # --- layers ----------------------------------------------------------------------
     def call_layer(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor: ...
-    def query_key(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def query_key(self, layer: nn.Module, hidden: torch.Tensor, kwargs: dict,
+                  rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
     def sink_mask(self, h_t: int, w_t: int, **ctx: Any) -> torch.Tensor: ...
-
-    # --- reference checkpoints ---------------------------------------------------------
-    def reference_prefixes(self) -> tuple[str, ...]: ...
 
 
 _REGISTRY: dict[str, type] = {}

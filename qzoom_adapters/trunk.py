@@ -26,16 +26,25 @@ class Trunk:
             embeds = embeds.masked_scatter(mask, image_embeds.to(embeds.dtype))
         return embeds
 
-    def forward_to(self, stop: int, embeds, attention_mask, position_ids, cache):
-        """Run layers `0..stop-1` (filling `cache`); return (input of layer `stop`, its kwargs)."""
+    @staticmethod
+    def model_positions(position_ids: torch.Tensor) -> torch.Tensor:
+        """Our (axes, B, S) positions in the shape the text model takes ((B, S) for 1-D RoPE)."""
+        return position_ids[0] if position_ids.shape[0] == 1 else position_ids
+
+    def forward_to(self, stop: int, embeds, attention_mask, position_ids, cache, extra: dict | None = None):
+        """Run layers `0..stop-1` (filling `cache`); return (input of layer `stop`, its kwargs).
+
+        `extra`: further text-model kwargs from `spec.decoder_inputs` (e.g. deepstack features).
+        """
         cap = run_until(
             self.spec.text_model,
             self.spec.layers[stop],
             inputs_embeds=embeds,
             attention_mask=attention_mask,
-            position_ids=position_ids,
+            position_ids=self.model_positions(position_ids),
             use_cache=cache is not None,
             **_compat.text_model_kwargs(self.spec.text_model, cache),
+            **(extra or {}),
         )
         if cache is not None and stop > 0 and _compat.cache_num_layers(cache) < stop:
             raise RuntimeError(
@@ -63,7 +72,7 @@ class Trunk:
         out = self.spec.text_model(
             inputs_embeds=self.spec.embed_tokens(token_ids[:, None]),
             attention_mask=attention_mask,
-            position_ids=position_ids,
+            position_ids=self.model_positions(position_ids),
             use_cache=True,
             **_compat.text_model_kwargs(self.spec.text_model, cache),
         )

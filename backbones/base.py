@@ -1,0 +1,183 @@
+"""`VisionLanguageSpec`: the parts of `BackboneSpec` that follow plain Hugging Face conventions.
+
+A family file subclasses it and fills in what is really its own (how images become tokens,
+positions, crops). Everything here reads the model through public HF attributes only.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from qzoom_adapters.errors import QZoomError
+from qzoom_adapters.spec import VisualFeatures
+
+from . import _compat
+
+
+def take_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows `rows` (B, R) of the sequence dim of `t` (..., B, S, D) -> (..., B, R, D)."""
+    idx = rows[..., None].expand(*rows.shape, t.shape[-1])
+    return torch.gather(t, -2, idx.expand(*t.shape[:-3], *idx.shape))
+
+
+def image_runs(ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """Number of contiguous image-token blocks per row of (B, S) `ids`."""
+    is_img = (ids == image_token_id).int()
+    starts = is_img[:, 1:] > is_img[:, :-1]
+    return starts.sum(dim=1) + is_img[:, 0]
+
+
+class VisionLanguageSpec:
+    """Defaults for an HF `*ForConditionalGeneration` VLM with a Llama-style decoder.
+
+    Structure: `model.model.language_model` is the text decoder (embed_tokens, layers, norm,
+    rotary), `model.lm_head` the head. Layers take keyword arguments and attention exposes
+    `q_proj`/`k_proj` (+ optional per-head `q_norm`/`k_norm`) and `head_dim`.
+    """
+
+    family: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]
+    rope_axes: ClassVar[int] = 3
+    default_position_mode: ClassVar[str] = "aligned"
+    default_K: ClassVar[dict[str, int]] = {}
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.core = model.model
+        self.config = model.config
+        self.text_config = getattr(model.config, "text_config", model.config)
+
+    # --- structure -------------------------------------------------------------------
+    @property
+    def text_model(self):
+        return self.core.language_model
+
+    @property
+    def layers(self):
+        return self.text_model.layers
+
+    @property
+    def norm(self):
+        return self.text_model.norm
+
+    @property
+    def lm_head(self):
+        return self.model.lm_head
+
+    @property
+    def embed_tokens(self):
+        return self.text_model.embed_tokens
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text_config.hidden_size
+
+    @property
+    def image_token_id(self) -> int:
+        return self.config.image_token_id
+
+    @property
+    def video_token_id(self) -> int | None:
+        return getattr(self.config, "video_token_id", None)
+
+    @property
+    def vision_start_id(self) -> int | None:
+        return getattr(self.config, "vision_start_token_id", None)
+
+    @property
+    def vision_end_id(self) -> int | None:
+        return getattr(self.config, "vision_end_token_id", None)
+
+    @property
+    def min_branch_layer(self) -> int:
+        """Smallest K at which a branch sees the finished image tokens (deepstack backbones: > 0)."""
+        return 1
+
+    # --- inputs ----------------------------------------------------------------------
+    def image_grids(self, inputs: dict) -> torch.Tensor:
+        """(B, 3) per-image grid rows the other methods understand; default: `image_grid_thw`."""
+        grid = inputs.get("image_grid_thw")
+        if grid is None:
+            raise QZoomError("inputs need `image_grid_thw` (the processor's output)")
+        return grid
+
+    def token_grid(self, grid_row) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def validate_inputs(self, inputs: dict) -> None:
+        """One still image per sample, with as many image tokens as its grid says."""
+        ids = inputs["input_ids"]
+        video = self.video_token_id
+        if inputs.get("pixel_values_videos") is not None or (video is not None and (ids == video).any()):
+            raise QZoomError("video input is not supported by Q-Zoom; pass one still image per sample")
+        if inputs.get("pixel_values") is None:
+            raise QZoomError("inputs need `pixel_values` (the processor's output)")
+        runs = image_runs(ids, self.image_token_id)
+        if (runs == 0).any():
+            raise QZoomError("every sample needs exactly one image, but some sample has no image tokens")
+        if (runs > 1).any():
+            raise QZoomError(f"more than one image per sample is not supported yet (images per sample: {runs.tolist()})")
+        grid = self.image_grids(inputs)
+        if grid.shape[0] != ids.shape[0]:
+            raise QZoomError(f"got {grid.shape[0]} images for {ids.shape[0]} samples (more than one image per sample?)")
+        per_sample = (ids == self.image_token_id).sum(dim=1).tolist()
+        expected = [h * w for h, w in map(self.token_grid, grid)]
+        if per_sample != expected:
+            raise QZoomError(f"image tokens per sample {per_sample} do not match the image grids ({expected} tokens)")
+
+    def roi_insert_index(self, ids: torch.Tensor) -> int:
+        """Where the RoI block goes in one unpadded sample: right after the global image (SPEC §3.1)."""
+        end = self.vision_end_id
+        if end is not None:
+            return int((ids == end).nonzero()[0]) + 1
+        return int((ids == self.image_token_id).nonzero()[-1]) + 1
+
+    def decoder_inputs(self, image_mask: torch.Tensor, features: VisualFeatures) -> dict:
+        """Extra text-model forward kwargs carrying visual features beyond the input embeddings."""
+        return {}
+
+    def source_window(self, image_processor, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """The source-pixel region (x0, y0, x1, y1) the token grid spans; default the whole image."""
+        W, H = image_size
+        return 0.0, 0.0, float(W), float(H)
+
+    def chat_inputs(self, processor, images: list, questions: list[str]) -> dict:
+        """Processor inputs, left-padded, for one user turn per sample (an entry of `images` may be a list)."""
+        texts, flat = [], []
+        for image, q in zip(images, questions):
+            group = list(image) if isinstance(image, (list, tuple)) else [image]
+            content = [{"type": "image"} for _ in group] + [{"type": "text", "text": q}]
+            texts.append(processor.apply_chat_template([{"role": "user", "content": content}],
+                                                       add_generation_prompt=True, tokenize=False))
+            flat += group
+        return dict(processor(text=texts, images=flat, padding=True, padding_side="left", return_tensors="pt"))
+
+    # --- layers ----------------------------------------------------------------------
+    def call_layer(self, layer, hidden, kwargs) -> torch.Tensor:
+        return _compat.layer_output(layer(hidden_states=hidden, **kwargs))
+
+    def query_key(self, layer, hidden, kwargs, rows: torch.Tensor):
+        """Post-RoPE queries at `rows` (B, R) -> (B, H, R, D), and keys of all positions (B, KV, S, D)."""
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        B, S, _ = x.shape
+        d = attn.head_dim
+        q = attn.q_proj(take_rows(x, rows)).view(B, rows.shape[1], -1, d)
+        k = attn.k_proj(x).view(B, S, -1, d)
+        if getattr(attn, "q_norm", None) is not None:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        cos, sin = kwargs["position_embeddings"]
+        q, _ = _compat.apply_rope(q, q, take_rows(cos, rows), take_rows(sin, rows), attn)
+        k, _ = _compat.apply_rope(k, k, cos, sin, attn)
+        return q, k
+
+    def sink_mask(self, h_t: int, w_t: int, **ctx) -> torch.Tensor:
+        """Cells to keep (1) in the heatmap; default: all."""
+        return torch.ones(h_t, w_t)
+
+    # --- crops -------------------------------------------------------------------------
+    def process_crops(self, image_processor, crops: list, min_pixels: int | None, max_pixels: int | None) -> dict:
+        raise NotImplementedError

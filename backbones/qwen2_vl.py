@@ -1,0 +1,95 @@
+"""Qwen2-VL (2B/7B/72B): a family the paper does not cover, and the worked example of CONTRIBUTING.md.
+
+Everything generic (decoder structure, q/k for the heatmap, input checks, chat prompts) comes
+from `VisionLanguageSpec`; this file says only how Qwen2-VL turns an image into tokens and
+positions and how a crop is re-encoded.
+"""
+from __future__ import annotations
+
+import torch
+
+from qzoom_adapters.errors import QZoomError
+from qzoom_adapters.spec import VisualFeatures, register_backbone
+
+from . import _compat
+from .base import VisionLanguageSpec
+
+
+@register_backbone
+class Qwen2VLSpec(VisionLanguageSpec):
+    """`Qwen2VLForConditionalGeneration`: M-RoPE (t, h, w), 14-px patches merged 2x2 (factor 28)."""
+
+    family = "qwen2_vl"
+    model_types = ("qwen2_vl",)
+    rope_axes = 3  # position ids are (3, B, S)
+    default_position_mode = "aligned"
+
+    @property
+    def merge_size(self) -> int:
+        return self.config.vision_config.spatial_merge_size
+
+    # --- image -> tokens -----------------------------------------------------------------
+    def encode_images(self, pixel_values, grids) -> VisualFeatures:
+        embeds, deepstack = _compat.image_features(self.core, pixel_values, grids)
+        return VisualFeatures(torch.cat(embeds), deepstack)
+
+    def token_grid(self, grid_row) -> tuple[int, int]:
+        """(h_t, w_t) merged tokens of one image from its `image_grid_thw` row (t, h, w patches)."""
+        _, h, w = (int(x) for x in grid_row)
+        return h // self.merge_size, w // self.merge_size
+
+    def position_ids(self, input_ids, attention_mask, grids) -> torch.Tensor:
+        """The backbone's own M-RoPE positions (3, B, S) for left-padded inputs."""
+        pos, _ = _compat.rope_index(
+            self.core, input_ids, grids, attention_mask, self.image_token_id, self.video_token_id
+        )
+        return pos
+
+    # --- crops ----------------------------------------------------------------------------
+    def global_budget(self, image_processor) -> tuple[int, int]:
+        """(min_pixels, max_pixels) of the global view, read from the image processor."""
+        size = getattr(image_processor, "size", None) or {}
+        lo = getattr(image_processor, "min_pixels", None) or size.get("shortest_edge")
+        hi = getattr(image_processor, "max_pixels", None) or size.get("longest_edge")
+        if lo is None or hi is None:
+            raise QZoomError(f"cannot read min/max pixels from {type(image_processor).__name__}; "
+                             "set crop_min_pixels/crop_max_pixels")
+        return int(lo), int(hi)
+
+    def process_crops(self, image_processor, crops, min_pixels, max_pixels) -> dict:
+        """Re-encode crops at a pixel budget (default: the global view's, SPEC §2.8)."""
+        g_lo, g_hi = self.global_budget(image_processor) if None in (min_pixels, max_pixels) else (0, 0)
+        lo, hi = min_pixels or g_lo, max_pixels or g_hi
+        out = image_processor(images=crops, return_tensors="pt", **_compat.budget_kwargs(lo, hi))
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+
+    # --- building blocks for tests and the demo ------------------------------------------------
+    TINY_TEXT = dict(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, rope_theta=1000.0, rms_norm_eps=1e-6,
+        rope_scaling={"type": "mrope", "rope_type": "default", "mrope_section": [2, 3, 3]}, tie_word_embeddings=False,
+    )
+    TINY_VISION = dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, patch_size=14,
+                       spatial_merge_size=2, temporal_patch_size=2)
+    TINY_IDS = dict(image_token_id=5, video_token_id=6, vision_start_token_id=3, vision_end_token_id=4, pad_token_id=0)
+
+    @staticmethod
+    def model_class():
+        from transformers import Qwen2VLForConditionalGeneration
+
+        return Qwen2VLForConditionalGeneration
+
+    @classmethod
+    def tiny_config(cls, text: dict | None = None, **overrides):
+        """A tiny random-init config (token ids of `backbones.tiny_processor`); `text` overrides text fields."""
+        text = {**cls.TINY_TEXT, **(text or {})}
+        cfg = cls.model_class().config_class(text_config=text, vision_config=dict(cls.TINY_VISION), **cls.TINY_IDS,
+                                             **text, **overrides)
+        cfg._attn_implementation = "sdpa"
+        return cfg
+
+    @staticmethod
+    def tiny_processor():
+        from .tiny_processor import tiny_qwen2_vl_processor
+
+        return tiny_qwen2_vl_processor()

@@ -1,0 +1,272 @@
+"""The invariants every backbone spec must keep; each check takes a `Kit` and raises AssertionError."""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from torch.testing import assert_close
+
+from ..errors import QZoomError
+from ..hooks import run_until
+from ..pipeline import QZoom
+from ..spec import get_spec
+from ..trunk import Trunk
+from ..twig import TwigRPN
+from .kit import Kit, raises, synthetic_image
+
+CHECKS = {}
+
+
+def check(fn):
+    CHECKS[fn.__name__] = fn
+    return fn
+
+
+@check
+@torch.no_grad()
+def twig_copy_equals_trunk(kit: Kit):
+    """The twig's T layers equal `layers[K:K+T]` in value (not storage) and in what they compute."""
+    model, spec = kit.model, get_spec(kit.model)
+    twig = TwigRPN.from_backbone(model, K=kit.K, T=kit.T)
+    for a, b in zip(twig.parameters(), torch.nn.ModuleList(spec.layers[kit.K : kit.K + kit.T]).parameters()):
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr(), "twig parameters must be equal copies"
+    inputs = kit.inputs(kit.images, kit.questions)
+    grids = spec.image_grids(inputs)
+    pos = spec.position_ids(inputs["input_ids"], inputs["attention_mask"], grids)
+    kw = kit.text_forward_inputs(model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], grids, pos)
+    h_in = run_until(spec.text_model, spec.layers[kit.K], use_cache=False, **kw)
+    h_out = run_until(spec.text_model, spec.layers[kit.K + kit.T], use_cache=False, **kw)
+    ours = Trunk(spec).run_layers(twig.layers, h_in.hidden, h_in.kwargs)
+    valid = inputs["attention_mask"].bool()
+    assert_close(ours[valid], h_out.hidden[valid], rtol=0, atol=1e-5)
+
+
+@check
+@torch.no_grad()
+def never_zoom_equals_generate(kit: Kit):
+    """With the gate closed, answers equal the unmodified model's greedy `generate` (EOS active)."""
+    zoom = kit.zoom(gate_threshold=1.5)
+    eos = kit.processor.tokenizer.eos_token_id
+    for img, q in zip(kit.images, kit.questions):
+        inputs = kit.inputs([img], [q])
+        out = zoom.generate_from_inputs(inputs, [img], max_new_tokens=10)[0]
+        ref = kit.model.generate(**inputs, max_new_tokens=10, do_sample=False)[0, inputs["input_ids"].shape[1] :].tolist()
+        ref = ref[: ref.index(eos) + 1] if eos in ref else ref
+        assert not out.zoomed and out.bbox is None and out.roi_tokens is None and out.gate_prob is not None
+        assert out.tokens == ref, f"direct path {out.tokens} != HF generate {ref}"
+
+
+def _forced_runs(kit: Kit, mode: str):
+    """Forced-zoom traces (one per sample, run alone), cached per position mode."""
+    def build():
+        zoom = kit.zoom(gate_threshold=0.0, roi_threshold=0.0, position_mode=mode)
+        return [(img, q, kit.inputs([img], [q]),
+                 zoom.generate_from_inputs(kit.inputs([img], [q]), [img], max_new_tokens=4, return_trace=True)[0])
+                for img, q in zip(kit.images, kit.questions)]
+    return kit._once(("forced", mode), build)
+
+
+@check
+@torch.no_grad()
+def kv_reuse_equals_recompute(kit: Kit):
+    """RoI-pass logits with the reused cache of layers < K equal a from-scratch forward of the RoI sequence."""
+    spec = get_spec(kit.model)
+    for mode in kit.position_modes():
+        for img, _, inputs, out in _forced_runs(kit, mode):
+            tr = out.trace
+            assert out.zoomed and out.roi_tokens == out.tokens
+            crop = spec.process_crops(kit.image_processor, [img.crop(out.bbox)], None, None)
+            assert torch.equal(crop["image_grid_thw"][0].cpu(), tr["roi_image_grid_thw"]), "crop grid differs"
+            pixels = torch.cat([inputs["pixel_values"], crop["pixel_values"]])
+            grids = torch.cat([spec.image_grids(inputs), crop["image_grid_thw"]])
+            ids = tr["roi_input_ids"][None]
+            pos = tr["roi_position_ids"][:, None]
+            pos = pos.round().long() if mode == "sequential" else pos
+            # an explicit mask: without one, transformers may read jumps in positions as packed sequences
+            kw = kit.text_forward_inputs(kit.model, ids, torch.ones_like(ids), pixels, grids, pos)
+            hidden = spec.text_model(use_cache=False, **kw).last_hidden_state
+            full = spec.lm_head(hidden[0, -1]).float()
+            assert_close(tr["first_logits"], full, rtol=0, atol=1e-4)
+
+
+def _spec_positions(pos, at, s0, grid_r, box, mode):
+    """SPEC §3.2 written out element by element (independent of positions.py)."""
+    h_r, w_r = grid_r
+    cols = [list(map(float, pos[:, j])) for j in range(at)]
+    p_e = cols[-1][0]
+    if pos.shape[0] == 1:  # 1-D RoPE: the crop continues the positions
+        return torch.arange(pos.shape[1] + h_r * w_r, dtype=torch.float32)[None] + pos[0, 0]
+    cols.append([p_e + 1] * 3)
+    x1, y1, x2, y2 = box
+    for r in range(h_r):
+        for c in range(w_r):
+            if mode == "aligned":
+                h = s0 + y1 + (r * (y2 - 1 - y1) / (h_r - 1) if h_r > 1 else 0.0)
+                w = s0 + x1 + (c * (x2 - 1 - x1) / (w_r - 1) if w_r > 1 else 0.0)
+            else:
+                h, w = p_e + 2 + r, p_e + 2 + c
+            cols.append([p_e + 2, h, w])
+    cols.append([p_e + max(h_r, w_r) + 2] * 3)
+    cols += [[float(v) + max(h_r, w_r) + 2 for v in pos[:, j]] for j in range(at, pos.shape[1])]
+    return torch.tensor(cols).T
+
+
+@check
+@torch.no_grad()
+def roi_positions_follow_spec(kit: Kit):
+    """RoI positions equal SPEC §3.2; sequential equals the backbone's own positions; boxes are valid."""
+    spec = get_spec(kit.model)
+    for mode in kit.position_modes():
+        for img, _, inputs, out in _forced_runs(kit, mode):
+            tr = out.trace
+            ids = inputs["input_ids"][0]
+            pos = spec.position_ids(inputs["input_ids"], inputs["attention_mask"], spec.image_grids(inputs))[:, 0]
+            at = spec.roi_insert_index(ids)
+            s0 = int(pos[0, int((ids == spec.image_token_id).nonzero()[0])])
+            grid_r = spec.token_grid(tr["roi_image_grid_thw"])
+            expected = _spec_positions(pos, at, s0, grid_r, tr["bbox_tokens"], mode)
+            assert_close(tr["roi_position_ids"], expected, rtol=0, atol=1e-5)
+            if mode == "sequential":
+                grids = torch.stack([spec.image_grids(inputs)[0].cpu(), tr["roi_image_grid_thw"]])
+                own = spec.position_ids(tr["roi_input_ids"][None], None, grids)[:, 0]
+                assert torch.equal(own.float(), tr["roi_position_ids"]), "sequential != the backbone's positions"
+            x1, y1, x2, y2 = out.bbox
+            W, H = img.size
+            assert 0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H, f"box {out.bbox} outside {img.size}"
+            assert min(x2 - x1, y2 - y1) >= zoom_min_side(), f"box {out.bbox} under the minimum side"
+
+
+def zoom_min_side() -> int:
+    from ..config import ZoomConfig
+
+    return ZoomConfig().min_crop_px
+
+
+@check
+@torch.no_grad()
+def batch_equals_single(kit: Kit):
+    """A batch with mixed gate outcomes (and `emit_direct`) equals each sample run alone."""
+    inputs = kit.inputs(kit.images, kit.questions)
+    zoom = kit.zoom(gate_threshold=0.0, roi_threshold=0.0, emit_direct=True)
+    zoom.gate.head.bias.fill_(0.0)
+    torch.manual_seed(0)
+    zoom.gate.head.weight.normal_(0, 1.0)
+    probs = sorted(o.gate_prob for o in zoom.generate_from_inputs(inputs, kit.images, max_new_tokens=1))
+    assert probs[0] < probs[1] < probs[2], f"need three distinct gate scores, got {probs}"
+    zoom.config = zoom.config.model_copy(update={"gate_threshold": (probs[0] + probs[1]) / 2})
+    batch = zoom.generate_from_inputs(inputs, kit.images, max_new_tokens=6, return_trace=True)
+    assert sorted(o.zoomed for o in batch) == [False, True, True]
+    for b, img, q in zip(batch, kit.images, kit.questions):
+        single = zoom.generate_from_inputs(kit.inputs([img], [q]), [img], max_new_tokens=6, return_trace=True)[0]
+        fields = ("tokens", "zoomed", "bbox", "direct_tokens", "roi_tokens", "visual_tokens")
+        assert [getattr(b, f) for f in fields] == [getattr(single, f) for f in fields]
+        assert_close(b.trace["first_logits"], single.trace["first_logits"], rtol=0, atol=1e-4)
+        assert abs(b.gate_prob - single.gate_prob) < 1e-5
+        if b.zoomed:
+            assert b.direct_tokens is not None
+            assert_close(b.heatmap, single.heatmap, rtol=0, atol=1e-4)
+            assert_close(b.trace["roi_position_ids"], single.trace["roi_position_ids"])
+
+
+@check
+@torch.no_grad()
+def save_load_same_outputs(kit: Kit):
+    """save_pretrained -> from_pretrained gives bit-identical outputs; bad targets fail clearly."""
+    inputs = kit.inputs(kit.images, kit.questions)
+    zoom = kit.zoom(gate_threshold=0.3, roi_threshold=0.0, position_mode=kit.position_modes()[-1])
+    torch.manual_seed(1)
+    zoom.gate.head.weight.normal_(0, 1.0)
+    before = zoom.generate_from_inputs(inputs, kit.images, max_new_tokens=5, return_trace=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp)
+        zoom.save_pretrained(path)
+        assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+        loaded = QZoom.from_pretrained(path, model=kit.model, processor=kit.processor)
+        assert loaded.config == zoom.config
+        after = loaded.generate_from_inputs(inputs, kit.images, max_new_tokens=5, return_trace=True)
+        for a, b in zip(before, after):
+            assert (a.tokens, a.zoomed, a.bbox, a.gate_prob) == (b.tokens, b.zoomed, b.bbox, b.gate_prob)
+            assert torch.equal(a.trace["first_logits"], b.trace["first_logits"])
+        cfg = json.loads((path / "adapter_config.json").read_text())
+        n_layers = len(get_spec(kit.model).layers)
+        (path / "adapter_config.json").write_text(json.dumps({**cfg, "K": n_layers}))
+        with raises(QZoomError, f"but the model has only {n_layers} decoder layers"):
+            QZoom.from_pretrained(path, model=kit.model)
+        (path / "adapter_config.json").write_text(json.dumps({**cfg, "backbone_family": "not_" + cfg["backbone_family"]}))
+        with raises(QZoomError, "saved for backbone family"):
+            QZoom.from_pretrained(path, model=kit.model)
+
+
+def _hooks(model) -> dict:
+    """Every forward (pre-)hook handle id per module."""
+    return {n: (tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for n, m in model.named_modules()}
+
+
+@check
+def backbone_untouched_and_no_hooks_left(kit: Kit):
+    """No hook survives a normal run, a run failing after pass A, or a forward raising inside the hooks."""
+    model = kit.fresh_model(0)
+    inputs = kit.inputs(kit.images, kit.questions)
+    with torch.no_grad():
+        model(**inputs)  # transformers may install its own output-capturing hooks on a first forward
+    hooks = _hooks(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    zoom = kit.zoom(model, gate_threshold=0.0, roi_threshold=0.0, emit_direct=True)
+    zoom.generate_from_inputs(inputs, kit.images, max_new_tokens=3)
+    assert _hooks(model) == hooks, "a hook was left on the backbone"
+    broken = QZoom(model, twig=zoom.twig, gate=zoom.gate, config=zoom.config)  # no image processor for the crop
+    with raises(QZoomError, "image_processor"):
+        broken.generate_from_inputs(inputs, kit.images, max_new_tokens=3)
+    assert _hooks(model) == hooks, "a failed run left a hook on the backbone"
+    bad = get_spec(model).layers[1].register_forward_pre_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    try:
+        with raises(RuntimeError, "boom"):
+            zoom.generate_from_inputs(inputs, kit.images, max_new_tokens=3)
+    finally:
+        bad.remove()
+    assert _hooks(model) == hooks, "a forward raising inside the hooked region left a hook"
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), f"{k} changed"
+
+
+@check
+@torch.no_grad()
+def bad_input_fails_clearly(kit: Kit):
+    """Inputs Q-Zoom cannot answer correctly raise a QZoomError that names the problem."""
+    spec = get_spec(kit.model)
+    zoom = kit.zoom(gate_threshold=0.0)
+    img = kit.images[0]
+    inputs = kit.inputs([img], ["What?"])
+    no_image = dict(inputs, input_ids=torch.where(inputs["input_ids"] == spec.image_token_id, 0, inputs["input_ids"]))
+    with raises(QZoomError, "no image tokens"):
+        zoom.generate_from_inputs(no_image, [img])
+    two = kit.inputs([[img, kit.images[1]]], ["Which is larger?"])
+    with raises(QZoomError, "more than one image per sample"):
+        zoom.generate_from_inputs(two, [img])
+    pair = kit.inputs(kit.images[:2], ["What?", "What is written on the plate?"])
+    with raises(QZoomError, "1 source images for a batch of 2"):
+        zoom.generate_from_inputs(pair, [img])
+    flipped = dict(pair, input_ids=pair["input_ids"].flip(1), attention_mask=pair["attention_mask"].flip(1))
+    with raises(QZoomError, "padding_side='left'"):
+        zoom.generate_from_inputs(flipped, kit.images[:2])
+    with raises(QZoomError, "20x120 px"):
+        zoom.generate_from_inputs(inputs, [synthetic_image(20, 120)])
+    if getattr(spec, "video_token_id", None) is not None:
+        with raises(QZoomError, "video"):
+            zoom.generate_from_inputs(dict(inputs, pixel_values_videos=torch.zeros(4, 8)), [img])
+
+
+@check
+@torch.no_grad()
+def empty_mask_answers_directly(kit: Kit):
+    """An empty heatmap mask gives the direct answer with the never-zoom path's logits."""
+    img = kit.images[0]
+    inputs = kit.inputs([img], [kit.questions[0]])
+    zoom = kit.zoom(gate_threshold=0.0, roi_threshold=2.0)
+    out = zoom.generate_from_inputs(inputs, [img], max_new_tokens=4, return_trace=True)[0]
+    zoom.config = zoom.config.model_copy(update={"gate_threshold": 2.0})
+    ref = zoom.generate_from_inputs(inputs, [img], max_new_tokens=4, return_trace=True)[0]
+    assert not out.zoomed and out.bbox is None and out.heatmap is not None
+    assert out.tokens == ref.tokens and torch.equal(out.trace["first_logits"], ref.trace["first_logits"])
