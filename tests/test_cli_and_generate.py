@@ -6,7 +6,7 @@ import torch
 import qzoom_adapters as qz
 from backbones.qwen2_5_vl import Qwen2_5_VLSpec
 from backbones.tiny_processor import TINY_VOCAB_SIZE, tiny_qwen2_5_vl_processor
-from conftest import synthetic_image
+from qzoom_adapters.testing import synthetic_image
 from recipes.cli import main
 
 
