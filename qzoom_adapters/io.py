@@ -178,6 +178,8 @@ def load_reference_checkpoint(path, torch_dtype=torch.float32, device=None, attn
         if still:
             raise QZoomError(f"{path}: backbone weights missing after key mapping: {sorted(still)[:5]}")
     model = model.to(device).eval() if device else model.eval()
+    # Q-Zoom fields sit at the top level; a Qwen3-style nested config may carry them in text_config
+    raw = {**(raw.get("text_config") or {}), **raw}
     K = int(raw.get("high_res_K") or raw.get("twig_K") or 0)
     T = int(raw.get("high_res_T") or raw.get("twig_T") or 0)
     parts = reference_adapter_tensors(tensors)

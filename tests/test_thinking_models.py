@@ -1,0 +1,67 @@
+"""Thinking-with-image one-pass RL checkpoints (ZwZ-style) load through the existing specs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+import qzoom_adapters as qz
+from backbones.qwen2_5_vl import Qwen2_5_VLSpec
+from backbones.qwen3_vl import Qwen3VLSpec
+from backbones.thinking import final_answer, split_thinking
+from backbones.tiny_processor import QWEN_CHAT_TEMPLATE
+from qzoom_adapters.testing import make_kit, run_conformance
+
+THINK_SYSTEM = ("You are a helpful assistant. Look at the image, reason inside <think></think>, "
+                "then give the final answer inside <answer></answer>.")
+# what RL trainers typically leave in a saved config / generation config
+RL_CONFIG_EXTRAS = {"use_cache": False, "torch_dtype": "bfloat16", "rl_algorithm": "grpo", "reward_model": None}
+RL_GENERATION = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "max_new_tokens": 2048}
+
+
+def _write_checkpoint(spec_cls, path):
+    """A tiny model saved the way an RL fine-tune is released: base class, extra config keys, thinking template."""
+    torch.manual_seed(7)
+    model = spec_cls.model_class()._from_config(spec_cls.tiny_config())
+    model.save_pretrained(path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(RL_CONFIG_EXTRAS, architectures=[spec_cls.model_class().__name__])
+    (path / "config.json").write_text(json.dumps(cfg))
+    gen = json.loads((path / "generation_config.json").read_text())
+    gen.update(RL_GENERATION, eos_token_id=[2, 0], pad_token_id=0)
+    (path / "generation_config.json").write_text(json.dumps(gen))
+    processor = spec_cls.tiny_processor()
+    system = "<|im_start|>system\\n" + THINK_SYSTEM + "<|im_end|>\\n"
+    processor.chat_template = QWEN_CHAT_TEMPLATE.replace(
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n", system.replace("\\n", "\n"))
+    processor.save_pretrained(path)
+
+
+@pytest.mark.parametrize("spec_cls", [Qwen2_5_VLSpec, Qwen3VLSpec], ids=lambda c: c.family)
+def test_rl_checkpoint_loads_through_the_base_spec(spec_cls, tmp_path):
+    _write_checkpoint(spec_cls, tmp_path)
+
+    def load(seed=0):
+        return AutoModelForImageTextToText.from_pretrained(tmp_path, torch_dtype=torch.float32).eval()
+
+    model = load()
+    assert isinstance(qz.get_spec(model), spec_cls)
+    processor = AutoProcessor.from_pretrained(tmp_path)
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]}],
+                                         add_generation_prompt=True, tokenize=False)
+    assert "<think></think>" in text
+    kit = make_kit(spec_cls, make_model=load, make_processor=lambda: AutoProcessor.from_pretrained(tmp_path))
+    run_conformance(spec_cls, kit=kit, checks=["never_zoom_equals_generate", "kv_reuse_equals_recompute",
+                                               "batch_equals_single"])
+    outs = kit.zoom(gate_threshold=0.0, roi_threshold=0.0).generate(kit.images[:2], kit.questions[:2], max_new_tokens=4)
+    assert all(o.zoomed and final_answer(o.text) is not None for o in outs)
+
+
+def test_split_thinking():
+    assert split_thinking("<think>the sign is left</think><answer> STOP </answer>") == ("the sign is left", "STOP")
+    assert split_thinking("<think>a</think> b") == ("a", "b")
+    assert split_thinking("plain") == ("", "plain")
+    assert split_thinking("<think>cut off") == ("cut off", "")
+    assert final_answer(None) is None
