@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
+from ..spec import get_spec
 from .checks import CHECKS
 from .kit import Kit, default_model_factory, raises, synthetic_image
 
@@ -27,17 +28,22 @@ def make_kit(spec_cls, make_model: Callable | None = None, make_processor: Calla
 
 def run_conformance(spec_cls, make_model: Callable | None = None, make_processor: Callable | None = None, *,
                     checks: Iterable[str] | None = None, kit: Kit | None = None) -> list[str]:
-    """Run the named checks (default: all) and return their names; the first failure raises AssertionError."""
+    """Run the named checks (default: all) and return their names; the first failure (or error) raises AssertionError."""
     kit = kit or make_kit(spec_cls, make_model, make_processor)
     names = list(checks) if checks is not None else list(CHECKS)
     unknown = set(names) - set(CHECKS)
     if unknown:
         raise ValueError(f"unknown checks {sorted(unknown)}; available: {sorted(CHECKS)}")
+    resolved = type(get_spec(kit.model))
+    if resolved is not spec_cls:
+        raise AssertionError(f"model_type {kit.model.config.model_type!r} resolves to {resolved.__name__}, not "
+                             f"{spec_cls.__name__}; register the spec (qz.register_backbone) before checking it")
     for name in names:
         try:
             CHECKS[name](kit)
-        except AssertionError as err:
-            raise AssertionError(f"{spec_cls.__name__} fails conformance check {name!r}: {err}") from err
+        except Exception as err:  # an error inside a check is a failure of that check
+            raise AssertionError(f"{spec_cls.__name__} fails conformance check {name!r}: "
+                                 f"{type(err).__name__}: {err}") from err
     return names
 
 

@@ -71,7 +71,8 @@ def _forced_runs(kit: Kit, mode: str):
 @check
 @torch.no_grad()
 def kv_reuse_equals_recompute(kit: Kit):
-    """RoI-pass logits with the reused cache of layers < K equal a from-scratch forward of the RoI sequence."""
+    """RoI-pass logits with the reused cache of layers < K equal the unmodified model's own forward
+    of the whole RoI sequence (its own vision encoding and visual inputs, our positions)."""
     spec = get_spec(kit.model)
     for mode in kit.position_modes():
         for img, _, inputs, out in _forced_runs(kit, mode):
@@ -79,16 +80,12 @@ def kv_reuse_equals_recompute(kit: Kit):
             assert out.zoomed and out.roi_tokens == out.tokens
             crop = spec.process_crops(kit.image_processor, [img.crop(out.bbox)], None, None)
             assert torch.equal(crop["image_grid_thw"][0].cpu(), tr["roi_image_grid_thw"]), "crop grid differs"
-            pixels = torch.cat([inputs["pixel_values"], crop["pixel_values"]])
-            grids = torch.cat([spec.image_grids(inputs), crop["image_grid_thw"]])
             ids = tr["roi_input_ids"][None]
             pos = tr["roi_position_ids"][:, None]
             pos = pos.round().long() if mode == "sequential" else pos
-            # an explicit mask: without one, transformers may read jumps in positions as packed sequences
-            kw = kit.text_forward_inputs(kit.model, ids, torch.ones_like(ids), pixels, grids, pos)
-            hidden = spec.text_model(use_cache=False, **kw).last_hidden_state
-            full = spec.lm_head(hidden[0, -1]).float()
-            assert_close(tr["first_logits"], full, rtol=0, atol=1e-4)
+            full = kit.model_forward_logits(ids, torch.cat([inputs["pixel_values"], crop["pixel_values"]]),
+                                            torch.cat([spec.image_grids(inputs), crop["image_grid_thw"]]), pos)
+            assert_close(tr["first_logits"], full[0, -1].float(), rtol=0, atol=1e-4)
 
 
 def _spec_positions(pos, at, s0, grid_r, box, mode):
@@ -124,6 +121,9 @@ def roi_positions_follow_spec(kit: Kit):
             ids = inputs["input_ids"][0]
             pos = spec.position_ids(inputs["input_ids"], inputs["attention_mask"], spec.image_grids(inputs))[:, 0]
             at = spec.roi_insert_index(ids)
+            img_idx = (ids == spec.image_token_id).nonzero()[:, 0]
+            assert int(img_idx[-1]) < at and int(ids[at - 1]) in (spec.image_token_id, spec.vision_end_id), \
+                f"the RoI block must follow the global image (inserted at {at}, image ends at {int(img_idx[-1])})"
             s0 = int(pos[0, int((ids == spec.image_token_id).nonzero()[0])])
             grid_r = spec.token_grid(tr["roi_image_grid_thw"])
             expected = _spec_positions(pos, at, s0, grid_r, tr["bbox_tokens"], mode)

@@ -1,6 +1,7 @@
 """`Kit`: a tiny random model of one family, its processor, synthetic images and shared helpers."""
 from __future__ import annotations
 
+import inspect
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -113,6 +114,20 @@ class Kit:
 
     def position_modes(self) -> list[str]:
         return ["aligned", "sequential"] if self.spec_cls.rope_axes == 3 else ["sequential"]
+
+    def model_forward_logits(self, input_ids, pixel_values, grids, position_ids) -> torch.Tensor:
+        """Logits of the unmodified HF model's own forward (its vision path), with given positions.
+
+        An explicit all-ones mask: without one, transformers may read position jumps as packed sequences.
+        """
+        kw = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), pixel_values=pixel_values,
+                  position_ids=Trunk.model_positions(position_ids), use_cache=False)
+        params = inspect.signature(self.model.forward).parameters
+        if "image_grid_thw" in params:
+            kw["image_grid_thw"] = grids
+        if "mm_token_type_ids" in params:
+            kw["mm_token_type_ids"] = (input_ids == get_spec(self.model).image_token_id).int()
+        return self.model(**kw).logits
 
     def text_forward_inputs(self, model, input_ids, attention_mask, pixel_values, grids, position_ids):
         """Everything the text model needs for a from-scratch forward of `input_ids`."""
