@@ -1,4 +1,6 @@
-"""CUDA smoke check: reference parity in float32 on the GPU, and a batched bf16 zoomed run.
+"""CUDA smoke check: reference parity in float32 on the GPU, and batched zoomed runs per family.
+
+Runs every registered family too (CUDA fp32 vs CPU fp32, then bf16).
 
 Usage: python scripts/gpu_smoke.py FIXTURE_DIR   (a refparity case folder, e.g. ../shared/fixtures/refparity/qwen25_a)
 """
@@ -13,10 +15,10 @@ from safetensors.torch import load_file
 from transformers import AutoImageProcessor
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT)]
 import qzoom_adapters as qz  # noqa: E402
 from backbones import _compat  # noqa: E402
-from conftest import make_inputs, synthetic_image, tiny_model  # noqa: E402
+from qzoom_adapters.testing import make_kit  # noqa: E402
 
 d, dev = Path(sys.argv[1]), "cuda"
 meta = json.loads((d / "meta.json").read_text())
@@ -36,16 +38,24 @@ for run, mode in (("direct", "aligned"), ("roi_reuse", "aligned"), ("roi_std", "
     print(f"cuda fp32 {run}: tokens_equal={o.tokens == out[f'{run}.tokens'].tolist()} zoomed={o.zoomed} "
           f"box={o.bbox} first_logits_err={err:.2e}")
 
-model = tiny_model().to(dev, torch.bfloat16)
-zoom = qz.QZoom(model, image_processor=ip, twig=qz.TwigRPN.from_backbone(model, 3, 3),
-                gate=qz.DynamicGate.from_backbone(model, 3, 3),
-                config=qz.ZoomConfig(gate_threshold=0.0, roi_threshold=0.0, emit_direct=True))
-images = [synthetic_image(300, 200, 1), synthetic_image(220, 260, 2), synthetic_image(180, 120, 3)]
-inputs = {k: v.to(dev) for k, v in make_inputs(images, [[40, 41], [50, 51, 52], [60]], ip).items()}
-inputs["pixel_values"] = inputs["pixel_values"].to(torch.bfloat16)
-t = time.perf_counter()
-outs = zoom.generate_from_inputs(inputs, images, max_new_tokens=8, return_trace=True)
-torch.cuda.synchronize()
-print(f"cuda bf16 batch of 3: zoomed={[o.zoomed for o in outs]} boxes={[o.bbox for o in outs]} "
-      f"tokens={[len(o.tokens) for o in outs]} {time.perf_counter() - t:.2f}s")
-print("hooks clean:", all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules()))
+torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # compare fp32 with fp32
+for family, spec_cls in sorted(qz.registered_families().items()):
+    kit = make_kit(spec_cls)
+    inputs = kit.inputs(kit.images, kit.questions)
+    cfg = dict(gate_threshold=0.0, roi_threshold=0.0, emit_direct=True)
+    cpu = kit.zoom(**cfg).generate_from_inputs(inputs, kit.images, max_new_tokens=8, return_trace=True)
+    model = kit.fresh_model(0).to(dev)
+    gpu = kit.zoom(model, **cfg).generate_from_inputs({k: v.to(dev) for k, v in inputs.items()}, kit.images,
+                                                      max_new_tokens=8, return_trace=True)
+    err = max((a.trace["first_logits"] - b.trace["first_logits"].cpu()).abs().max().item() for a, b in zip(cpu, gpu))
+    same = all((a.tokens, a.bbox, a.direct_tokens) == (b.tokens, b.bbox, b.direct_tokens) for a, b in zip(cpu, gpu))
+    model = model.to(torch.bfloat16)
+    # after a first forward: transformers may install its own output-capturing hooks then
+    hooks = {n: (tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for n, m in model.named_modules()}
+    bf = {k: (v.to(dev, torch.bfloat16) if v.is_floating_point() else v.to(dev)) for k, v in inputs.items()}
+    t = time.perf_counter()
+    outs = kit.zoom(model, **cfg).generate_from_inputs(bf, kit.images, max_new_tokens=8)
+    torch.cuda.synchronize()
+    clean = hooks == {n: (tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for n, m in model.named_modules()}
+    print(f"{family:11s} cuda fp32 == cpu fp32: tokens/boxes {same}, first logits max err {err:.1e} | bf16 batch of 3: "
+          f"zoomed={[o.zoomed for o in outs]} {time.perf_counter() - t:.2f}s hooks clean: {clean}")
