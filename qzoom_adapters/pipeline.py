@@ -98,9 +98,19 @@ class QZoom:
         return branch.K
 
     @property
+    def config(self) -> ZoomConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: ZoomConfig) -> None:
+        """Set the config; an unset `position_mode` becomes the backbone's default (aligned for M-RoPE)."""
+        if config.position_mode is None:
+            config = config.model_copy(update={"position_mode": self.spec.default_position_mode})
+        self._config = config
+
+    @property
     def position_mode(self) -> str:
-        """The configured RoI position mode, or the backbone's default."""
-        return self.config.position_mode or self.spec.default_position_mode
+        return self.config.position_mode
 
     @property
     def tokenizer(self):

@@ -89,3 +89,14 @@ def test_box_mapping_through_a_centre_crop_window(llava):
     with pytest.raises(qz.QZoomError, match="position_mode='sequential'"):
         zoom = llava.zoom(gate_threshold=0.0, roi_threshold=0.0, position_mode="aligned")
         zoom.generate_from_inputs(llava.inputs(llava.images[:1], ["What?"]), llava.images[:1], max_new_tokens=1)
+
+
+def test_unset_position_mode_takes_the_backbone_default(qwen25, llava, tmp_path):
+    assert qz.ZoomConfig().position_mode is None
+    assert qwen25.zoom().config.position_mode == "aligned"  # SPEC §3.2: aligned for new M-RoPE adapters
+    zoom = llava.zoom()
+    assert zoom.config.position_mode == "sequential"  # 1-D RoPE: the crop continues the positions
+    zoom.config = qz.ZoomConfig(gate_threshold=0.5)
+    assert zoom.config.position_mode == "sequential"
+    zoom.save_pretrained(tmp_path)
+    assert '"position_mode": "sequential"' in (tmp_path / "adapter_config.json").read_text()

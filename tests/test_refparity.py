@@ -51,6 +51,8 @@ def test_reference_parity(case, run):
     zoom = qz.QZoom.from_reference_checkpoint(
         case / "model", image_processor=ip, gate_threshold=rec["high_res_thresh"],
         roi_threshold=rec["roi_conf_thresh"], **RUNS[run],
+        # the fixture's stated budget: some lines drop `size` when loading another line's processor config
+        crop_min_pixels=meta.get("min_pixels"), crop_max_pixels=meta.get("max_pixels"),
     )
     o = zoom.generate_from_inputs(inputs, [source], max_new_tokens=meta["max_new_tokens"], return_trace=True)[0]
     tr = o.trace
