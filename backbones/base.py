@@ -5,6 +5,7 @@ positions, crops). Everything here reads the model through public HF attributes 
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import ClassVar
 
 import torch
@@ -29,8 +30,11 @@ def image_runs(ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
     return starts.sum(dim=1) + is_img[:, 0]
 
 
-class VisionLanguageSpec:
+class VisionLanguageSpec(ABC):
     """Defaults for an HF `*ForConditionalGeneration` VLM with a Llama-style decoder.
+
+    A family implements the four abstract methods (image -> tokens, grid, positions, crops);
+    instantiating a spec that misses one fails with a TypeError naming it.
 
     Structure: `model.model.language_model` is the text decoder (embed_tokens, layers, norm,
     rotary), `model.lm_head` the head. Layers take keyword arguments and attention exposes
@@ -103,8 +107,17 @@ class VisionLanguageSpec:
             raise QZoomError("inputs need `image_grid_thw` (the processor's output)")
         return grid
 
+    @abstractmethod
+    def encode_images(self, pixel_values: torch.Tensor, grids: torch.Tensor) -> VisualFeatures:
+        """Vision-tower features of all images, one row per image token, in order."""
+
+    @abstractmethod
     def token_grid(self, grid_row) -> tuple[int, int]:
-        raise NotImplementedError
+        """(h_t, w_t) merged token grid of one image, raster order."""
+
+    @abstractmethod
+    def position_ids(self, input_ids, attention_mask, grids) -> torch.Tensor:
+        """(rope_axes, B, S) positions of left-padded inputs, as the model's own generate uses them."""
 
     def validate_inputs(self, inputs: dict) -> None:
         """One still image per sample, with as many image tokens as its grid says."""
@@ -179,5 +192,6 @@ class VisionLanguageSpec:
         return torch.ones(h_t, w_t)
 
     # --- crops -------------------------------------------------------------------------
+    @abstractmethod
     def process_crops(self, image_processor, crops: list, min_pixels: int | None, max_pixels: int | None) -> dict:
-        raise NotImplementedError
+        """`pixel_values` and `image_grid_thw` of PIL crops (None budgets: the family's default)."""

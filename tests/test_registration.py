@@ -5,6 +5,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 import qzoom_adapters as qz
 from qzoom_adapters import spec as spec_module
@@ -76,3 +77,16 @@ def test_kit_catches_a_broken_spec(family, mixin, check, monkeypatch):
         run_conformance(broken, checks=[check], kit=make_kit(broken))
     with pytest.raises(AssertionError, match="register the spec"):
         run_conformance(base, checks=[check], kit=make_kit(base))
+
+
+def test_incomplete_spec_names_what_is_missing():
+    from backbones.base import VisionLanguageSpec
+
+    class Half(VisionLanguageSpec):
+        family, model_types = "half", ("half",)
+
+        def token_grid(self, grid_row):
+            return 1, 1
+
+    with pytest.raises(TypeError, match="encode_images"):
+        Half(torch.nn.Module())
