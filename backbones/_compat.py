@@ -109,7 +109,7 @@ def rope_index(model_core, input_ids, image_grid_thw, attention_mask, image_toke
     return model_core.get_rope_index(input_ids, image_grid_thw, None, attention_mask=attention_mask)
 
 
-def image_features(model_core, pixel_values, grid_thw=None, **kwargs):
+def image_features(model_core, pixel_values, grid_thw=None):
     """(per-image embeddings, per-layer deepstack features or ()) from `get_image_features`.
 
     4.57 returns a list, or for Qwen3-VL a tuple (embeddings, deepstack concatenated over
@@ -117,7 +117,7 @@ def image_features(model_core, pixel_values, grid_thw=None, **kwargs):
     (split per image).
     """
     args = (pixel_values,) if grid_thw is None else (pixel_values, grid_thw)
-    out = model_core.get_image_features(*args, **kwargs)
+    out = model_core.get_image_features(*args)
     if hasattr(out, "pooler_output"):
         deep = getattr(out, "deepstack_features", None) or ()
         return list(out.pooler_output), tuple(torch.cat(list(d)) if isinstance(d, (list, tuple)) else d for d in deep)
@@ -143,9 +143,10 @@ def mm_token_type_ids(input_ids, image_token_id, video_token_id):
     return mm
 
 
-def qwen_image_processor(**kwargs):
-    """A Qwen2-VL image processor that needs no torchvision (5.x names the PIL one separately)."""
-    cls = getattr(transformers, "Qwen2VLImageProcessorPil", None) or transformers.Qwen2VLImageProcessor
+def pil_image_processor(name: str, **kwargs):
+    """The image processor class `name` (e.g. "CLIPImageProcessor") in its PIL form, which needs no
+    torchvision: 5.x names it `<name>Pil`, 4.57's plain class is the PIL one."""
+    cls = getattr(transformers, name + "Pil", None) or getattr(transformers, name)
     return cls(**kwargs)
 
 

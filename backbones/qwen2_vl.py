@@ -58,9 +58,10 @@ class Qwen2VLSpec(VisionLanguageSpec):
 
     def process_crops(self, image_processor, crops, min_pixels, max_pixels) -> dict:
         """Re-encode crops at a pixel budget (default: the global view's, SPEC §2.8)."""
-        g_lo, g_hi = self.global_budget(image_processor) if None in (min_pixels, max_pixels) else (0, 0)
-        lo, hi = min_pixels or g_lo, max_pixels or g_hi
-        out = image_processor(images=crops, return_tensors="pt", **_compat.budget_kwargs(lo, hi))
+        if min_pixels is None or max_pixels is None:
+            lo, hi = self.global_budget(image_processor)
+            min_pixels, max_pixels = min_pixels or lo, max_pixels or hi
+        out = image_processor(images=crops, return_tensors="pt", **_compat.budget_kwargs(min_pixels, max_pixels))
         return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
 
     # --- building blocks for tests and the demo ------------------------------------------------

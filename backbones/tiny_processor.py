@@ -118,8 +118,8 @@ TinyQwen3VLProcessor = tiny_processor_class(transformers.Qwen3VLProcessor)
 
 def _qwen(processor_cls, min_pixels, max_pixels, patch_size, merge_size):
     """A tiny Qwen-VL-family processor: shared tokenizer and template, PIL image processor."""
-    image_processor = _compat.qwen_image_processor(min_pixels=min_pixels, max_pixels=max_pixels,
-                                                   patch_size=patch_size, merge_size=merge_size)
+    image_processor = _compat.pil_image_processor("Qwen2VLImageProcessor", min_pixels=min_pixels,
+                                                  max_pixels=max_pixels, patch_size=patch_size, merge_size=merge_size)
     return tiny_vl_processor(processor_cls, image_processor, tiny_qwen_tokenizer(), QWEN_CHAT_TEMPLATE)
 
 
@@ -141,8 +141,8 @@ def tiny_qwen3_vl_processor(min_pixels: int = 32 * 32 * 16, max_pixels: int = 32
 
 def tiny_llava_processor(image_size: int = 84):
     """LlavaProcessor built fully offline: CLIP-style resize+crop to image_size, (image_size/14)**2 image tokens."""
-    cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor  # 5.x: PIL backend
-    image_processor = cls(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-                          do_center_crop=True)
+    image_processor = _compat.pil_image_processor(
+        "CLIPImageProcessor", size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size}, do_center_crop=True)
     return tiny_vl_processor(transformers.LlavaProcessor, image_processor, tiny_llava_tokenizer(), LLAVA_CHAT_TEMPLATE,
                              patch_size=14, vision_feature_select_strategy="default", num_additional_image_tokens=1)

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch.testing import assert_close
 
+from ..config import ZoomConfig
 from ..errors import QZoomError
 from ..hooks import run_until
 from ..pipeline import QZoom
@@ -91,10 +92,10 @@ def kv_reuse_equals_recompute(kit: Kit):
 def _spec_positions(pos, at, s0, grid_r, box, mode):
     """SPEC §3.2 written out element by element (independent of positions.py)."""
     h_r, w_r = grid_r
-    cols = [list(map(float, pos[:, j])) for j in range(at)]
-    p_e = cols[-1][0]
     if pos.shape[0] == 1:  # 1-D RoPE: the crop continues the positions
         return torch.arange(pos.shape[1] + h_r * w_r, dtype=torch.float32)[None] + pos[0, 0]
+    cols = [list(map(float, pos[:, j])) for j in range(at)]
+    p_e = cols[-1][0]
     cols.append([p_e + 1] * 3)
     x1, y1, x2, y2 = box
     for r in range(h_r):
@@ -135,13 +136,7 @@ def roi_positions_follow_spec(kit: Kit):
             x1, y1, x2, y2 = out.bbox
             W, H = img.size
             assert 0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H, f"box {out.bbox} outside {img.size}"
-            assert min(x2 - x1, y2 - y1) >= zoom_min_side(), f"box {out.bbox} under the minimum side"
-
-
-def zoom_min_side() -> int:
-    from ..config import ZoomConfig
-
-    return ZoomConfig().min_crop_px
+            assert min(x2 - x1, y2 - y1) >= ZoomConfig().min_crop_px, f"box {out.bbox} under the minimum side"
 
 
 @check
