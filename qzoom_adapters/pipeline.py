@@ -16,34 +16,11 @@ from .decode import eos_ids, greedy
 from .errors import QZoomError
 from .gate import DynamicGate
 from .outputs import ZoomOutput
-from .positions import roi_input_ids, roi_position_ids
-from .roi import box_to_pixels, check_source_image, clip_box_to_grid, roi_from_heatmap
+from .positions import roi_sequence
+from .roi import Crop, box_to_pixels, check_source_image, clip_box_to_grid, roi_from_heatmap
 from .spec import get_spec
-from .trunk import Trunk
+from .trunk import Prefill, Trunk
 from .twig import TwigRPN
-
-
-@dataclass
-class _PassA:
-    ids: torch.Tensor
-    mask: torch.Tensor
-    pos: torch.Tensor
-    embeds: torch.Tensor
-    hK: torch.Tensor
-    kwargs: dict
-    cache: object
-    grid: torch.Tensor
-
-    def rows_kwargs(self, trunk, sel: torch.Tensor) -> dict:
-        """Layer kwargs (mask, rotary) for a subset of the batch."""
-        if sel.numel() == self.ids.shape[0]:
-            return self.kwargs
-        return trunk.layer_kwargs(self.embeds[sel], self.mask[sel], self.pos[:, sel])
-
-    def rows_cache(self, sel: torch.Tensor, n_layers: int, upto: int | None = None):
-        """A new cache holding rows `sel` (first `upto` columns) of layers `0..n_layers-1`."""
-        kvs = [_compat.cache_kv(self.cache, layer) for layer in range(n_layers)]
-        return _compat.cache_from_kv([tuple(t[sel, :, :upto] for t in kv) for kv in kvs])
 
 
 @dataclass
@@ -57,11 +34,16 @@ class _RoiSeq:
     grid: torch.Tensor  # the crop's image_grid_thw
 
 
-@dataclass
-class _Crop:
-    box_tok: tuple[int, int, int, int]
-    box_px: tuple[int, int, int, int]
-    image: object
+def crop_from_heatmap(spec, logits, first_map, image, image_processor, cfg: ZoomConfig):
+    """SPEC §2 for one sample: (h_t, w_t) twig logits -> (blurred map, `Crop` of the source image or None)."""
+    sink = spec.sink_mask(*logits.shape, first_token_scores=first_map)
+    blur, box = roi_from_heatmap(logits, sink, cfg.roi_threshold, cfg.blur_kernel, cfg.blur_sigma)
+    if box is None:
+        return blur, None
+    box = clip_box_to_grid(box, logits.shape)
+    window = spec.source_window(image_processor, image.size)
+    box_px = box_to_pixels(box, tuple(logits.shape), image.size, cfg.min_crop_px, window)
+    return blur, Crop(box, box_px, image.convert("RGB").crop(box_px))
 
 
 class QZoom:
@@ -142,29 +124,15 @@ class QZoom:
         return [self._output(i, a, gate_prob, heatmaps, blurred, crops, roi, direct, return_trace) for i in range(B)]
 
     # --- pass A: vision + layers 0..K-1 --------------------------------------------------
-    def _pass_a(self, inputs, images) -> _PassA:
-        spec = self.spec
-        spec.validate_inputs(inputs)
-        ids = inputs["input_ids"]
-        mask = inputs.get("attention_mask")
-        mask = torch.ones_like(ids) if mask is None else mask
-        if not bool(mask[:, -1].all()):
-            raise QZoomError("inputs are right-padded; tokenize with padding_side='left'")
-        if len(images) != ids.shape[0]:
-            raise QZoomError(f"got {len(images)} source images for a batch of {ids.shape[0]}")
+    def _pass_a(self, inputs, images) -> Prefill:
+        if len(images) != inputs["input_ids"].shape[0]:
+            raise QZoomError(f"got {len(images)} source images for a batch of {inputs['input_ids'].shape[0]}")
         for image in images:
             check_source_image(image, self.config.min_crop_px)
-        grid = spec.image_grids(inputs)
-        feats = spec.encode_images(inputs["pixel_values"], grid)
-        embeds = self.trunk.embed(ids, feats.embeds)
-        pos = spec.position_ids(ids, mask, grid)
-        cache = _compat.new_cache()
-        extra = spec.decoder_inputs(ids == spec.image_token_id, feats)
-        hK, kwargs = self.trunk.forward_to(self.K, embeds, mask, pos, cache, extra)
-        return _PassA(ids, mask, pos, embeds, hK, kwargs, cache, grid)
+        return self.trunk.prefill(inputs, self.K, _compat.new_cache())
 
     # --- gate ----------------------------------------------------------------------------
-    def _gate(self, a: _PassA) -> torch.Tensor | None:
+    def _gate(self, a: Prefill) -> torch.Tensor | None:
         if self.gate is None:
             return None
         return torch.sigmoid(self.gate.logits(self.spec, a.hK, a.kwargs, self.trunk))
@@ -177,7 +145,7 @@ class QZoom:
         return (gate_prob >= self.config.gate_threshold).tolist()
 
     # --- twig -> box -> crop ---------------------------------------------------------------
-    def _twig_crops(self, a: _PassA, images, want_zoom):
+    def _twig_crops(self, a: Prefill, images, want_zoom):
         heatmaps, blurred, crops = {}, {}, {}
         if not any(want_zoom):
             return heatmaps, blurred, crops
@@ -186,23 +154,17 @@ class QZoom:
         sel = torch.tensor(rows, device=a.ids.device)
         first = a.mask[sel].argmax(dim=1)  # first real token (left padding)
         scores, first_scores = self.twig.query_scores(spec, a.hK[sel], a.rows_kwargs(self.trunk, sel), self.trunk, first)
+        maps = a.image_logits(scores, spec.image_token_id, spec, rows)
+        first_maps = a.image_logits(first_scores, spec.image_token_id, spec, rows)
         for j, i in enumerate(rows):
-            h_t, w_t = spec.token_grid(a.grid[i])
-            is_img = a.ids[i] == spec.image_token_id
-            logits = scores[j][is_img].reshape(h_t, w_t)
-            sink = spec.sink_mask(h_t, w_t, first_token_scores=first_scores[j][is_img].reshape(h_t, w_t))
-            blur, box = roi_from_heatmap(logits, sink, cfg.roi_threshold, cfg.blur_kernel, cfg.blur_sigma)
-            heatmaps[i], blurred[i] = logits.cpu(), blur.cpu()
-            if box is None:
-                continue  # empty mask: answer directly
-            box = clip_box_to_grid(box, (h_t, w_t))
-            window = spec.source_window(self.image_processor, images[i].size)
-            box_px = box_to_pixels(box, (h_t, w_t), images[i].size, cfg.min_crop_px, window)
-            crops[i] = _Crop(box, box_px, images[i].convert("RGB").crop(box_px))
+            blur, crop = crop_from_heatmap(spec, maps[j], first_maps[j], images[i], self.image_processor, cfg)
+            heatmaps[i], blurred[i] = maps[j].cpu(), blur.cpu()
+            if crop is not None:  # an empty mask answers directly
+                crops[i] = crop
         return heatmaps, blurred, crops
 
     # --- direct path: layers K..L-1 on the same sequence ------------------------------------
-    def _direct_pass(self, a: _PassA, rows: list[int], max_new_tokens: int) -> dict:
+    def _direct_pass(self, a: Prefill, rows: list[int], max_new_tokens: int) -> dict:
         if len(rows) == a.ids.shape[0]:  # the whole batch: continue on pass A's own cache
             return self._finish(a.hK, a.kwargs, a.cache, a.mask, a.pos, rows, max_new_tokens)
         sel = torch.tensor(rows, device=a.ids.device)
@@ -217,7 +179,7 @@ class QZoom:
         return {i: (tokens[j], first[j].cpu()) for j, i in enumerate(rows)}
 
     # --- RoI path ------------------------------------------------------------------------------
-    def _roi_pass(self, a: _PassA, crops: dict, max_new_tokens: int) -> dict:
+    def _roi_pass(self, a: Prefill, crops: dict, max_new_tokens: int) -> dict:
         """Pass B for the zoomed samples, batched with the prefixes kept at their pass-A columns.
 
         Layout per sample: [left pad | prefix (cached) | middle pad | suffix]; every prefix ends
@@ -231,20 +193,13 @@ class QZoom:
                                  cfg.crop_min_pixels, cfg.crop_max_pixels)
         enc = {k: v.to(a.ids.device) for k, v in enc.items()}
         roi_feats = spec.encode_images(enc["pixel_values"], enc["image_grid_thw"])
-        markers = spec.vision_start_id is not None
         seqs = []
         for j, i in enumerate(rows):
             valid = a.mask[i].bool()
-            ids, pos = a.ids[i][valid], a.pos[:, i][:, valid]
-            at = spec.roi_insert_index(ids)
-            s0 = int((ids == spec.image_token_id).nonzero()[0])
             grid = enc["image_grid_thw"][j]
-            h_r, w_r = spec.token_grid(grid)
-            seqs.append(_RoiSeq(
-                pad=int((~valid).sum()), P=at, grid=grid,
-                ids=roi_input_ids(ids, at, h_r * w_r, spec.image_token_id, spec.vision_start_id, spec.vision_end_id),
-                pos=roi_position_ids(pos, at, s0, (h_r, w_r), crops[i].box_tok, mode, markers),
-            ))
+            ids, pos, at = roi_sequence(spec, a.ids[i][valid], a.pos[:, i][:, valid], spec.token_grid(grid),
+                                        crops[i].box_tok, mode)
+            seqs.append(_RoiSeq(pad=int((~valid).sum()), P=at, grid=grid, ids=ids, pos=pos))
         C = max(q.pad + q.P for q in seqs)  # every cached prefix ends by column C
         L = max(q.ids.shape[0] - q.P for q in seqs)  # longest suffix [P:]
         n, dev = len(rows), a.ids.device
@@ -273,7 +228,7 @@ class QZoom:
         return {i: out[i] + (q,) for i, q in zip(rows, seqs)}
 
     # --- per-sample output ---------------------------------------------------------------------
-    def _output(self, i, a: _PassA, gate_prob, heatmaps, blurred, crops, roi, direct, return_trace) -> ZoomOutput:
+    def _output(self, i, a: Prefill, gate_prob, heatmaps, blurred, crops, roi, direct, return_trace) -> ZoomOutput:
         zoomed = i in roi
         d_tokens, d_first = direct.get(i, (None, None))
         r_tokens, r_first = roi[i][:2] if zoomed else (None, None)

@@ -57,3 +57,17 @@ def roi_position_ids(pos: torch.Tensor, at: int, s0_index: int, roi_grid: tuple[
     start = torch.full((3, 1), float(p_e + 1))
     end = torch.full((3, 1), float(p_e + shift))
     return torch.cat([pos[:, :at], start, tokens, end, pos[:, at:] + shift], dim=1)
+
+
+def roi_sequence(spec, ids: torch.Tensor, pos: torch.Tensor, roi_grid: tuple[int, int], box_tok, mode: str):
+    """One unpadded sample's RoI sequence: (input ids, float positions (axes, S'), index `at` of the RoI block).
+
+    The block goes right after the global image (`spec.roi_insert_index`), with the image's own
+    start/end markers where the backbone has them.
+    """
+    at = spec.roi_insert_index(ids)
+    s0 = int((ids == spec.image_token_id).nonzero()[0])
+    h_r, w_r = roi_grid
+    new_ids = roi_input_ids(ids, at, h_r * w_r, spec.image_token_id, spec.vision_start_id, spec.vision_end_id)
+    new_pos = roi_position_ids(pos, at, s0, roi_grid, box_tok, mode, markers=spec.vision_start_id is not None)
+    return new_ids, new_pos, at

@@ -1,10 +1,21 @@
 """From heatmap to crop (SPEC §2): sigmoid, sink mask, blur, threshold, box, pixels, 28-px rule."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from .errors import QZoomError
+
+
+@dataclass
+class Crop:
+    """A box in global-token units (exclusive ends), the same box in source pixels, and the cropped image."""
+
+    box_tok: tuple[int, int, int, int]
+    box_px: tuple[int, int, int, int]
+    image: object
 
 
 def gaussian_blur(x: torch.Tensor, kernel: int = 3, sigma: float = 1.0) -> torch.Tensor:
@@ -90,4 +101,4 @@ def clip_box_to_grid(box_tok, grid_hw):
     return max(0, x1), max(0, y1), min(w_t, x2), min(h_t, y2)
 
 
-__all__ = ["gaussian_blur", "token_box", "box_to_pixels", "roi_from_heatmap", "check_source_image", "clip_box_to_grid"]
+__all__ = ["Crop", "gaussian_blur", "token_box", "box_to_pixels", "roi_from_heatmap", "check_source_image", "clip_box_to_grid"]

@@ -6,10 +6,46 @@ by the model itself.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from backbones import _compat
+from .errors import QZoomError
 from .hooks import run_until
+from .spec import VisualFeatures
+
+
+@dataclass
+class Prefill:
+    """Pass A of a left-padded batch: its inputs, the input of layer K (`hK`), that layer's kwargs, the cache."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    pos: torch.Tensor
+    embeds: torch.Tensor
+    hK: torch.Tensor
+    kwargs: dict
+    cache: object
+    grid: torch.Tensor
+    feats: VisualFeatures
+
+    def rows_kwargs(self, trunk, sel: torch.Tensor) -> dict:
+        """Layer kwargs (mask, rotary) for a subset of the batch."""
+        if sel.numel() == self.ids.shape[0]:
+            return self.kwargs
+        return trunk.layer_kwargs(self.embeds[sel], self.mask[sel], self.pos[:, sel])
+
+    def rows_cache(self, sel: torch.Tensor, n_layers: int, upto: int | None = None):
+        """A new cache holding rows `sel` (first `upto` columns) of layers `0..n_layers-1`."""
+        kvs = [_compat.cache_kv(self.cache, layer) for layer in range(n_layers)]
+        return _compat.cache_from_kv([tuple(t[sel, :, :upto] for t in kv) for kv in kvs])
+
+    def image_logits(self, scores: torch.Tensor, image_token_id: int, spec, rows=None) -> list[torch.Tensor]:
+        """Per-sample (h_t, w_t) maps from (R, S) per-token scores of batch rows `rows` (default: all)."""
+        rows = range(self.ids.shape[0]) if rows is None else rows
+        return [scores[j][self.ids[i] == image_token_id].reshape(spec.token_grid(self.grid[i]))
+                for j, i in enumerate(rows)]
 
 
 class Trunk:
@@ -30,6 +66,23 @@ class Trunk:
     def model_positions(position_ids: torch.Tensor) -> torch.Tensor:
         """Our (axes, B, S) positions in the shape the text model takes ((B, S) for 1-D RoPE)."""
         return position_ids[0] if position_ids.shape[0] == 1 else position_ids
+
+    def prefill(self, inputs: dict, stop: int, cache=None) -> Prefill:
+        """Validate processed, left-padded `inputs`, encode the images and run layers `0..stop-1`."""
+        spec = self.spec
+        spec.validate_inputs(inputs)
+        ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask
+        if not bool(mask[:, -1].all()):
+            raise QZoomError("inputs are right-padded; tokenize with padding_side='left'")
+        grid = spec.image_grids(inputs)
+        feats = spec.encode_images(inputs["pixel_values"], grid)
+        embeds = self.embed(ids, feats.embeds)
+        pos = spec.position_ids(ids, mask, grid)
+        extra = spec.decoder_inputs(ids == spec.image_token_id, feats)
+        hK, kwargs = self.forward_to(stop, embeds, mask, pos, cache, extra)
+        return Prefill(ids, mask, pos, embeds, hK, kwargs, cache, grid, feats)
 
     def forward_to(self, stop: int, embeds, attention_mask, position_ids, cache, extra: dict | None = None):
         """Run layers `0..stop-1` (filling `cache`); return (input of layer `stop`, its kwargs).
