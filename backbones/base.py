@@ -156,8 +156,21 @@ class VisionLanguageSpec(ABC):
         W, H = image_size
         return 0.0, 0.0, float(W), float(H)
 
-    def chat_inputs(self, processor, images: list, questions: list[str]) -> dict:
-        """Processor inputs, left-padded, for one user turn per sample (an entry of `images` may be a list)."""
+    def budget_pixels(self, tokens: int) -> int | None:
+        """Pixel budget (min = max) that gives `tokens` merged visual tokens; None: the processor's fixed size."""
+        raise QZoomError(f"the {self.family} spec does not define visual-token budgets (budget_pixels)")
+
+    def view_kwargs(self, pixels: int | None) -> dict:
+        """Processor keywords that encode images at exactly `pixels` (None: the processor's own setting)."""
+        if pixels is not None:
+            raise QZoomError(f"the {self.family} spec cannot set a pixel budget")
+        return {}
+
+    def chat_inputs(self, processor, images: list, questions: list[str], pixels: int | None = None) -> dict:
+        """Processor inputs, left-padded, for one user turn per sample (an entry of `images` may be a list).
+
+        `pixels`: encode every image at this pixel budget (min = max; see `budget_pixels`).
+        """
         texts, flat = [], []
         for image, q in zip(images, questions):
             group = list(image) if isinstance(image, (list, tuple)) else [image]
@@ -165,7 +178,8 @@ class VisionLanguageSpec(ABC):
             texts.append(processor.apply_chat_template([{"role": "user", "content": content}],
                                                        add_generation_prompt=True, tokenize=False))
             flat += group
-        return dict(processor(text=texts, images=flat, padding=True, padding_side="left", return_tensors="pt"))
+        return dict(processor(text=texts, images=flat, padding=True, padding_side="left", return_tensors="pt",
+                              **self.view_kwargs(pixels)))
 
     # --- layers ----------------------------------------------------------------------
     def call_layer(self, layer, hidden, kwargs) -> torch.Tensor:

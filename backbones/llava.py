@@ -37,6 +37,13 @@ class LlavaSpec(VisionLanguageSpec):
         vision = self.config.vision_config
         return vision.image_size // vision.patch_size
 
+    def budget_pixels(self, tokens: int) -> None:
+        """LLaVA-1.5 sees every image at the processor's fixed size: only that grid's token count is valid."""
+        if int(tokens) != self.patch_grid**2:
+            raise QZoomError(f"LLaVA encodes images at a fixed {self.patch_grid}x{self.patch_grid} grid "
+                             f"({self.patch_grid**2} tokens); a budget of {tokens} tokens is not possible")
+        return None
+
     # --- image -> tokens -----------------------------------------------------------------
     def image_grids(self, inputs: dict) -> torch.Tensor:
         pixel_values = inputs.get("pixel_values")

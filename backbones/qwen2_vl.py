@@ -28,6 +28,17 @@ class Qwen2VLSpec(VisionLanguageSpec):
     def merge_size(self) -> int:
         return self.config.vision_config.spatial_merge_size
 
+    @property
+    def factor(self) -> int:
+        """Source pixels per merged token side (28 for 14-px patches merged 2x2)."""
+        return self.config.vision_config.patch_size * self.merge_size
+
+    def budget_pixels(self, tokens: int) -> int:
+        return int(tokens) * self.factor**2
+
+    def view_kwargs(self, pixels: int | None) -> dict:
+        return {} if pixels is None else _compat.budget_kwargs(pixels, pixels)
+
     # --- image -> tokens -----------------------------------------------------------------
     def encode_images(self, pixel_values, grids) -> VisualFeatures:
         embeds, deepstack = _compat.image_features(self.core, pixel_values, grids)
