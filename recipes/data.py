@@ -1,0 +1,127 @@
+"""The universal sample record (JSONL), its loaders, and the image views the recipes feed a backbone."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Literal
+
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from qzoom_adapters.errors import QZoomError
+
+GREY = (127, 127, 127)
+
+
+class SampleRecord(BaseModel):
+    """One question about one image. `image` is a path, relative to the JSONL file's folder or absolute.
+
+    `mode`: "textual" (OCR/documents: the question as is) or "natural" (scenes: stage-1 labels ask
+    for a grounding box). `box`: an optional ground-truth region in source pixels (x1, y1, x2, y2).
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    image: str
+    question: str
+    answers: list[str] = Field(default_factory=list)
+    mode: Literal["natural", "textual"] = "textual"
+    dataset: str = ""
+    box: tuple[int, int, int, int] | None = None
+
+
+def read_jsonl(path) -> list[dict]:
+    """Rows of a JSONL file; a broken line is an error naming the file and line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise QZoomError(f"{path}:{n}: not valid JSON ({err.msg}); one JSON object per line") from err
+    return rows
+
+
+def read_records(path) -> list[SampleRecord]:
+    """Sample records of a JSONL file, with image paths made absolute; ids must be unique."""
+    path = Path(path)
+    if not path.is_file():
+        raise QZoomError(f"no records file at {path}")
+    records, seen = [], set()
+    for n, row in enumerate(read_jsonl(path), 1):
+        try:
+            rec = SampleRecord(**row)
+        except ValidationError as err:
+            raise QZoomError(f"{path}: record {n} is not a sample record: {err.errors()[0]['msg']} "
+                             f"at {err.errors()[0]['loc']}") from err
+        if rec.id in seen:
+            raise QZoomError(f"{path}: sample id {rec.id!r} appears twice; ids must be unique")
+        seen.add(rec.id)
+        rec.image = str((path.parent / rec.image).resolve()) if not os.path.isabs(rec.image) else rec.image
+        records.append(rec)
+    return records
+
+
+def write_jsonl(path, rows: Iterable) -> None:
+    """Write rows (dicts or pydantic models) atomically: a temporary file renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row.model_dump() if isinstance(row, BaseModel) else row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+class JsonlAppender:
+    """Append-only results file for resumable jobs: rows already there are kept and their ids skipped."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.done = {row["id"] for row in read_jsonl(self.path)} if self.path.exists() else set()
+
+    def append(self, rows: list[dict]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done.update(row["id"] for row in rows)
+
+
+def load_image(record: SampleRecord) -> Image.Image:
+    try:
+        return Image.open(record.image).convert("RGB")
+    except (FileNotFoundError, OSError) as err:
+        raise QZoomError(f"sample {record.id!r}: cannot read image {record.image} ({err})") from err
+
+
+def pad_square(image: Image.Image, fill=GREY) -> Image.Image:
+    """The image centred on a square of side max(W, H) filled with `fill` (LLaVA's expand2square)."""
+    W, H = image.size
+    side = max(W, H)
+    square = Image.new("RGB", (side, side), fill)
+    square.paste(image, ((side - W) // 2, (side - H) // 2))
+    return square
+
+
+def fixed_grid_view(spec, image: Image.Image, grid: int) -> tuple[Image.Image, int | None]:
+    """The stage-1 view (SPEC §4.1): grey square padding, sized for a `grid` x `grid` token grid.
+
+    Returns the view and the pixel budget to encode it with (None: the processor's fixed size).
+    """
+    pixels = spec.budget_pixels(grid * grid)
+    square = pad_square(image)
+    if pixels is None:
+        return square, None
+    side = int(round(pixels**0.5))
+    return square.resize((side, side), Image.BICUBIC), pixels
+
+
+def chunks(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
