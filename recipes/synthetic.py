@@ -15,6 +15,7 @@ class Scene:
     question: str
     answer: str
     box: tuple[int, int, int, int]  # the plate, in pixels
+    colour: str = ""
 
 
 def demo_scenes(n: int, seed: int = 0) -> list[Scene]:
@@ -34,5 +35,5 @@ def demo_scenes(n: int, seed: int = 0) -> list[Scene]:
         code = "".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZ23456789") for _ in range(3))
         draw.rectangle([x, y, x + w, y + h], fill=colour)
         draw.text((x + 6, y + 4), code, fill=(255, 255, 255))
-        scenes.append(Scene(img, f"What is written on the {name} plate?", code, (x, y, x + w, y + h)))
+        scenes.append(Scene(img, f"What is written on the {name} plate?", code, (x, y, x + w, y + h), name))
     return scenes

@@ -1,0 +1,205 @@
+"""One training loop for every stage, on accelerate: CPU, one GPU, or `accelerate launch` (DDP/FSDP).
+
+A stage hands over a module whose `forward(batch)` returns the loss and whose trainable
+parameters are the only ones with `requires_grad`, a dataset and a collate function. The loop
+owns what every stage needs the same way: a deterministic, resumable data order, gradient
+accumulation to the effective batch, AdamW + cosine schedule with linear warm-up, clipping,
+checkpoints (a killed run resumes from the last one with nothing lost), CSV/JSONL loss logs.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qzoom_adapters.errors import QZoomError
+
+from .config import TrainSection
+
+DONE_NAME = "training_complete.json"
+
+
+def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int) -> list[int]:
+    """This process's sample indices for `epoch`: a seeded permutation, dealt round-robin, equal per process."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    per = n // world
+    if per == 0:
+        raise QZoomError(f"{n} samples cannot be split over {world} processes")
+    return perm[rank::world][:per]
+
+
+class Trainer:
+    """Train `module` on `dataset`; `save_outputs(module, out_dir)` writes the final artefacts."""
+
+    def __init__(self, module: nn.Module, dataset, collate, cfg: TrainSection, out_dir, save_outputs,
+                 on_epoch=None, stop_after: int | None = None):
+        self.module, self.dataset, self.collate, self.cfg = module, dataset, collate, cfg
+        self.out = Path(out_dir)
+        self.save_outputs = save_outputs
+        self.on_epoch = on_epoch  # e.g. dataset.set_epoch for per-epoch random draws
+        self.stop_after = stop_after  # stop (as if killed) after this optimizer step's checkpoint
+
+    # --- setup ----------------------------------------------------------------------------
+    def _accelerator(self):
+        from accelerate import Accelerator
+
+        mp = self.cfg.mixed_precision
+        if mp == "auto":
+            mp = "bf16" if torch.cuda.is_available() else "no"
+        return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+
+    def _plan(self, world: int):
+        cfg = self.cfg
+        per_step = cfg.batch_size * world
+        if cfg.effective_batch % per_step:
+            raise QZoomError(f"effective_batch {cfg.effective_batch} is not a multiple of batch_size x processes "
+                             f"({cfg.batch_size} x {world})")
+        accum = cfg.effective_batch // per_step
+        micro_per_epoch = len(self.dataset) // world // cfg.batch_size
+        if micro_per_epoch == 0:
+            raise QZoomError(f"{len(self.dataset)} samples give no full batch of {cfg.batch_size} per process")
+        steps_per_epoch = math.ceil(micro_per_epoch / accum)
+        total = cfg.max_steps or steps_per_epoch * cfg.epochs
+        return accum, micro_per_epoch, steps_per_epoch, total
+
+    def _check_out_dir(self):
+        if (self.out / DONE_NAME).exists():
+            raise QZoomError(f"{self.out} already holds a finished run ({DONE_NAME}); choose another `out` or move "
+                             "it away (nothing is overwritten)")
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def _latest(ckpt_dir: Path) -> Path | None:
+        done = [p for p in ckpt_dir.glob("step-*") if (p / "trainer_state.json").exists()]
+        return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
+
+    # --- the loop ---------------------------------------------------------------------------
+    def train(self) -> dict:
+        from transformers import get_cosine_schedule_with_warmup
+
+        cfg = self.cfg
+        self._check_out_dir()
+        acc = self._accelerator()
+        torch.manual_seed(cfg.seed)
+        accum, micro_per_epoch, steps_per_epoch, total = self._plan(acc.num_processes)
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        if not params:
+            raise QZoomError("the stage's module has no trainable parameter")
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
+        sched = get_cosine_schedule_with_warmup(opt, math.ceil(cfg.warmup_ratio * total), total)
+        module, opt, sched = acc.prepare(self.module, opt, sched)
+        ckpt_dir = self.out / "checkpoints"
+        step = 0
+        latest = self._latest(ckpt_dir)
+        if latest is not None:
+            acc.load_state(str(latest))
+            step = json.loads((latest / "trainer_state.json").read_text())["step"]
+            acc.print(f"resuming from {latest} (step {step} of {total})")
+        log = _Log(self.out, acc.is_main_process, resume_step=step)
+        module.train()
+        t0, seen = time.perf_counter(), 0
+        while step < total:
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            if self.on_epoch is not None:
+                self.on_epoch(epoch)
+            order = epoch_order(len(self.dataset), cfg.seed, epoch, acc.process_index, acc.num_processes)
+            first = in_epoch * accum
+            for start in range(first, micro_per_epoch, accum):
+                group = range(start, min(start + accum, micro_per_epoch))
+                loss_sum = 0.0
+                for j, m in enumerate(group):
+                    idx = order[m * cfg.batch_size : (m + 1) * cfg.batch_size]
+                    batch = self.collate([self._item(i, epoch) for i in idx])
+                    sync = j == len(group) - 1
+                    ctx = acc.no_sync(module) if not sync and acc.num_processes > 1 else nullcontext()
+                    with ctx:
+                        loss = module(batch) / len(group)
+                        acc.backward(loss)
+                    loss_sum += float(loss.detach())
+                    seen += len(idx) * acc.num_processes
+                if cfg.grad_clip:
+                    acc.clip_grad_norm_(params, cfg.grad_clip)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                loss_all = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), "mean"))
+                if step % cfg.log_every == 0 or step == total:
+                    log.write(step=step, epoch=epoch, loss=loss_all, lr=sched.get_last_lr()[0],
+                              samples_per_s=seen / (time.perf_counter() - t0), elapsed_s=time.perf_counter() - t0)
+                if step % cfg.save_every == 0 or step == total or step == self.stop_after:
+                    self._checkpoint(acc, ckpt_dir, step)
+                if step == self.stop_after and step < total:
+                    acc.print(f"stopping after step {step} as asked; run again to resume")
+                    return {"step": step, "finished": False}
+                if step >= total:
+                    break
+        acc.wait_for_everyone()
+        summary = {"step": step, "finished": True, "samples_per_s": seen / max(time.perf_counter() - t0, 1e-9),
+                   "final_loss": log.last_loss, "processes": acc.num_processes}
+        if acc.is_main_process:
+            self.save_outputs(acc.unwrap_model(module), self.out)
+            (self.out / DONE_NAME).write_text(json.dumps(summary, indent=2))
+        acc.wait_for_everyone()
+        return summary
+
+    def _item(self, i: int, epoch: int):
+        get = getattr(self.dataset, "get", None)
+        return get(i, epoch) if get is not None else self.dataset[i]
+
+    def _checkpoint(self, acc, ckpt_dir: Path, step: int) -> None:
+        """Save to a temporary folder, then rename: a kill during saving leaves the previous checkpoint intact."""
+        final = ckpt_dir / f"step-{step}"
+        tmp = ckpt_dir / f".tmp-step-{step}"
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            kept = sorted((p for p in ckpt_dir.glob("step-*")), key=lambda p: int(p.name.split("-")[1]))
+            for old in kept[: -self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+
+
+class _Log:
+    """Loss log as CSV and JSONL (appended, so a resumed run continues the same files)."""
+
+    FIELDS = ("step", "epoch", "loss", "lr", "samples_per_s", "elapsed_s")
+
+    def __init__(self, out: Path, main: bool, resume_step: int = 0):
+        self.main = main
+        self.csv = out / "train_log.csv"
+        self.jsonl = out / "train_log.jsonl"
+        self.last_loss = None
+        if not main:
+            return
+        # rows logged after the checkpoint we resume from are redone: drop them
+        rows = [json.loads(x) for x in self.jsonl.read_text().splitlines()] if self.jsonl.exists() else []
+        rows = [r for r in rows if r["step"] <= resume_step]
+        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with open(self.csv, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(self.FIELDS)
+            w.writerows([r[k] for k in self.FIELDS] for r in rows)
+
+    def write(self, **row) -> None:
+        self.last_loss = row["loss"]
+        if not self.main:
+            return
+        with open(self.csv, "a", newline="") as f:
+            csv.writer(f).writerow([row[k] for k in self.FIELDS])
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
