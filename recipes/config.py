@@ -113,6 +113,8 @@ class Stage2Section(_Section):
     data: str  # the regressions JSONL written by `qzoom mine`
     adapters: str  # the stage-1 adapters (frozen twig)
     out: str
+    dtype: Literal["float32", "bfloat16"] = "float32"  # lr 1e-6 updates vanish in bf16 weights: keep fp32 masters
+    position_mode: Literal["aligned", "sequential"] | None = None  # None: the backbone's default (aligned)
     roi_threshold: float = 0.15
     box_noise: float = Field(0.8, ge=0.0, le=1.0)
     box_noise_sides: tuple[float, float] = (0.1, 0.6)

@@ -52,3 +52,9 @@ def freeze(module: torch.nn.Module) -> None:
 
 def batch_to(inputs: dict, device) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+
+
+def placeholder_ids(spec) -> list[int]:
+    """Tokens a generated answer must never contain (re-reading it would expect image features there)."""
+    return [t for t in (spec.image_token_id, spec.video_token_id, spec.vision_start_id, spec.vision_end_id)
+            if t is not None]

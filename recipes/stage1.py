@@ -21,7 +21,7 @@ from qzoom_adapters.twig import TwigRPN
 from .config import LabelsStage1Section, RecipeConfig
 from .data import chunks, fixed_grid_view, load_image, read_records
 from .label_store import LabelStore, LabelWriter
-from .models import batch_to, freeze, load_backbone
+from .models import batch_to, freeze, load_backbone, placeholder_ids
 from .progress import progress
 from .trainer import Trainer
 
@@ -87,9 +87,7 @@ def make_stage1_labels(cfg: RecipeConfig, show_progress: bool = True) -> dict:
     if not eos:
         raise QZoomError("the model's generation_config has no eos_token_id; set one so responses can end")
     pad_id = processor.tokenizer.pad_token_id or 0
-    # a response must not contain image placeholders: re-reading it would expect image features there
-    placeholders = [t for t in (spec.image_token_id, spec.video_token_id, spec.vision_start_id, spec.vision_end_id)
-                    if t is not None]
+    placeholders = placeholder_ids(spec)
     t0, n = time.perf_counter(), 0
     bar = progress(total=len(todo), desc="stage-1 labels", disable=not show_progress)
     for batch in chunks(todo, sec.batch_size):

@@ -61,9 +61,9 @@ def write_tiny_setup(out, family: str = "qwen2_5_vl", samples: int = 16, seed: i
     }
     if family != "llava":  # LLaVA-1.5 sees one fixed resolution: there are no budgets to gate between
         recipe["labels_stage3"] = {"records": "records.jsonl", "out": "runs/labels3/answers.jsonl",
-                                   "model": "runs/stage2", "budgets": [4, 9, 16, 36], "max_new_tokens": 4,
+                                   "model": "runs/stage2/model", "budgets": [4, 9, 16, 36], "max_new_tokens": 4,
                                    "batch_size": 4}
         recipe["stage3"] = {"answers": "runs/labels3/answers.jsonl", "adapters": "runs/stage2", "out": "runs/stage3",
-                            "model": "runs/stage2", "train": {**train, "max_steps": 2}}
+                            "model": "runs/stage2/model", "train": {**train, "max_steps": 2}}
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     return out

@@ -1,0 +1,280 @@
+"""Stage 2 (SPEC §4.3): mine the regressions zooming causes, then post-SFT on global + RoI sequences."""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qzoom_adapters.config import ZoomConfig
+from qzoom_adapters.errors import QZoomError
+from qzoom_adapters.io import load_adapters
+from qzoom_adapters.pipeline import QZoom, crop_from_heatmap
+from qzoom_adapters.positions import roi_sequence
+from qzoom_adapters.roi import Crop
+from qzoom_adapters.spec import VisualFeatures
+from qzoom_adapters.trunk import Trunk
+
+from .config import ModelSection, RecipeConfig
+from .data import JsonlAppender, SampleRecord, chunks, load_image, read_jsonl, read_records, write_jsonl
+from .gate_labels import item_rng
+from .judge import JudgeItem, make_judge
+from .models import batch_to, freeze, load_backbone
+from .progress import progress
+from .stage1 import save_zoom
+from .trainer import Trainer
+
+
+# --- mining ----------------------------------------------------------------------------------
+def mine(cfg: RecipeConfig, show_progress: bool = True) -> dict:
+    """`qzoom mine`: A = direct answer, B = always-zoomed answer of the stage-1 model; keep A right, B wrong.
+
+    Writes `mined.jsonl` (every judged sample, appended, resumable) and `regressions.jsonl` (the
+    stage-2 training set: records with `target` = A's response, or the ground truth if configured).
+    """
+    sec = cfg.section("mine")
+    model, processor, spec = load_backbone(cfg.model)
+    twig, _, _ = load_adapters(sec.adapters, model)
+    if twig is None:
+        raise QZoomError(f"{sec.adapters} has no twig; mining needs the stage-1 adapters")
+    # stage 1 leaves the LLM unchanged, so one pass gives both: the direct answer (A) and the RoI answer (B)
+    zoom = QZoom(model, processor, twig=twig.to(model.device),
+                 config=ZoomConfig(gate_threshold=0.0, roi_threshold=sec.roi_threshold, emit_direct=True))
+    judge_kw = {"metric": sec.metric} if sec.judge == "rule" else {"path": sec.judge_model}
+    if sec.judge == "hf" and not sec.judge_model:
+        raise QZoomError("mine.judge is 'hf' but mine.judge_model is not set")
+    judge = make_judge(sec.judge, **judge_kw)
+    records = read_records(sec.records)
+    missing = [r.id for r in records if not r.answers]
+    if missing:
+        raise QZoomError(f"mining needs ground-truth answers; records without any: {missing[:5]}")
+    out = JsonlAppender(f"{sec.out}/mined.jsonl")
+    todo = [r for r in records if r.id not in out.done]
+    bar = progress(total=len(todo), desc="mining", disable=not show_progress)
+    t0 = time.perf_counter()
+    for batch in chunks(todo, sec.batch_size):
+        outs = zoom.generate([load_image(r) for r in batch], [r.question for r in batch], sec.max_new_tokens)
+        answers = [(o.direct_text, o.text if o.zoomed else o.direct_text) for o in outs]
+        verdicts = judge.judge([JudgeItem(r.question, r.answers, {"A": a, "B": b}) for r, (a, b) in zip(batch, answers)])
+        rows = []
+        for r, o, (a, b), v in zip(batch, outs, answers, verdicts):
+            rows.append({**r.model_dump(), "response_a": a, "response_b": b, "zoomed": o.zoomed,
+                         "bbox": list(o.bbox) if o.bbox else None, "judge_a": v.correct["A"],
+                         "judge_b": v.correct["B"], "judge_raw": v.raw,
+                         "regression": bool(v.correct["A"] and not v.correct["B"])})
+        out.append(rows)
+        bar.update(len(batch))
+    bar.close()
+    mined = read_jsonl(out.path)
+    regressions = [{k: v for k, v in row.items() if k in SampleRecord.model_fields} |
+                   {"target": row["response_a"] if sec.target == "response" else row["answers"][0]}
+                   for row in mined if row["regression"]]
+    write_jsonl(f"{sec.out}/regressions.jsonl", regressions)
+    secs = time.perf_counter() - t0
+    return {"judged": len(mined), "regressions": len(regressions), "new": len(todo),
+            "samples_per_s": len(todo) / secs if todo else 0.0}
+
+
+# --- post-SFT --------------------------------------------------------------------------------
+class Stage2Dataset(torch.utils.data.Dataset):
+    """Regression records; per (epoch, index) a fixed draw decides box noise (resumable)."""
+
+    def __init__(self, rows: list[dict], box_noise: float, sides: tuple[float, float], seed: int):
+        self.rows, self.box_noise, self.sides, self.seed = rows, box_noise, sides, seed
+
+    def __len__(self):
+        return len(self.rows)
+
+    def get(self, i: int, epoch: int) -> dict:
+        row = self.rows[i]
+        rng = item_rng(self.seed, epoch, i)
+        noise = None
+        if rng.random() < self.box_noise:  # a random box: each side U[sides] of the image, random place
+            fw, fh = rng.uniform(*self.sides), rng.uniform(*self.sides)
+            noise = (rng.uniform(0, 1 - fw), rng.uniform(0, 1 - fh), fw, fh)
+        return {"image": load_image(SampleRecord(**row)), "question": row["question"], "target": row["target"],
+                "noise": noise}
+
+
+def random_crop(image, noise, grid_hw, min_side: int) -> Crop:
+    """The noise box (x, y, w, h as fractions of the image) as a `Crop`, with its box in global-token units."""
+    W, H = image.size
+    x, y, fw, fh = noise
+    px = [int(x * W), int(y * H), int((x + fw) * W), int((y + fh) * H)]
+    px[2], px[3] = max(px[2], min(W, px[0] + min_side)), max(px[3], min(H, px[1] + min_side))
+    h_t, w_t = grid_hw
+    tok = (int(px[0] * w_t / W), int(px[1] * h_t / H), max(int(px[0] * w_t / W) + 1, -(-px[2] * w_t // W)),
+           max(int(px[1] * h_t / H) + 1, -(-px[3] * h_t // H)))
+    return Crop(tok, tuple(px), image.crop(px))
+
+
+class Stage2Collate:
+    def __init__(self, spec, processor, eos_id: int):
+        self.spec, self.processor, self.eos_id = spec, processor, eos_id
+
+    def __call__(self, items):
+        inputs = self.spec.chat_inputs(self.processor, [it["image"] for it in items], [it["question"] for it in items])
+        tok = self.processor.tokenizer
+        targets = [tok(it["target"], add_special_tokens=False)["input_ids"] + [self.eos_id] for it in items]
+        return {"inputs": inputs, "images": [it["image"] for it in items], "targets": targets,
+                "noise": [it["noise"] for it in items]}
+
+
+def _split(x: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+    return list(torch.split(x, counts))
+
+
+def interleave(global_feats: VisualFeatures, g_counts, roi_feats: VisualFeatures, r_counts) -> VisualFeatures:
+    """Features in sequence order [global_0, roi_0, global_1, roi_1, ...] (embeddings and deepstack)."""
+    def mix(g, r):
+        parts = [t for pair in zip(_split(g, g_counts), _split(r, r_counts)) for t in pair]
+        return torch.cat(parts)
+
+    deep = tuple(mix(g, r) for g, r in zip(global_feats.deepstack, roi_feats.deepstack))
+    return VisualFeatures(mix(global_feats.embeds, roi_feats.embeds), deep)
+
+
+class PostSFTObjective(nn.Module):
+    """Answer-token loss on [global | RoI | question | answer] with the RoI from the frozen twig (SPEC §4.3)."""
+
+    def __init__(self, model, spec, twig, image_processor, zoom_cfg: ZoomConfig):
+        super().__init__()
+        self.model = model  # the trainable LLM (or its peft wrapper) lives here: DDP/FSDP wrap this module
+        self._twig = (twig,)  # frozen, not a submodule
+        self.image_processor, self.zoom_cfg = image_processor, zoom_cfg
+        self.spec = spec  # built on the unwrapped model, whose modules peft changed in place
+        self.trunk = Trunk(spec)
+
+    def _crops(self, inputs, batch):
+        """The twig's live prediction at the last prompt token **[fix]**, or the noise box."""
+        spec, twig = self.spec, self._twig[0]
+        with torch.no_grad():
+            a = self.trunk.prefill(inputs, twig.K)
+            scores, first = twig.query_scores(spec, a.hK, a.kwargs, self.trunk, a.mask.argmax(dim=1))
+        maps = a.image_logits(scores, spec.image_token_id, spec)
+        first_maps = a.image_logits(first, spec.image_token_id, spec)
+        crops = []
+        for j, image in enumerate(batch["images"]):
+            if batch["noise"][j] is not None:
+                crops.append(random_crop(image, batch["noise"][j], tuple(maps[j].shape), self.zoom_cfg.min_crop_px))
+            else:
+                crops.append(crop_from_heatmap(spec, maps[j], first_maps[j], image, self.image_processor,
+                                               self.zoom_cfg)[1])
+        return a, crops
+
+    def forward(self, batch):
+        spec = self.spec
+        dev = self.spec.embed_tokens.weight.device
+        inputs = batch_to(batch["inputs"], dev)
+        a, crops = self._crops(inputs, batch)
+        keep = [j for j, c in enumerate(crops) if c is not None]  # samples without a crop give no loss
+        if not keep:
+            return spec.lm_head.weight.sum() * 0.0
+        enc = spec.process_crops(self.image_processor, [crops[j].image for j in keep], self.zoom_cfg.crop_min_pixels,
+                                 self.zoom_cfg.crop_max_pixels)
+        enc = batch_to(enc, dev)
+        with torch.no_grad():
+            roi_feats = spec.encode_images(enc["pixel_values"], enc["image_grid_thw"])
+        g_counts = [int((a.ids[j] == spec.image_token_id).sum()) for j in range(a.ids.shape[0])]
+        r_counts = [h * w for h, w in map(spec.token_grid, enc["image_grid_thw"])]
+        seqs = []
+        for n, j in enumerate(keep):
+            valid = a.mask[j].bool()
+            ids, pos, _ = roi_sequence(spec, a.ids[j][valid], a.pos[:, j][:, valid],
+                                       spec.token_grid(enc["image_grid_thw"][n]), crops[j].box_tok,
+                                       self.zoom_cfg.position_mode)
+            target = torch.tensor(batch["targets"][j], dtype=ids.dtype, device=ids.device)
+            tpos = pos[:, -1:] + torch.arange(1, len(target) + 1, dtype=pos.dtype)[None]
+            seqs.append((torch.cat([ids, target]), torch.cat([pos, tpos], dim=1), len(target)))
+        ids, mask, pos, labels = _left_pad(seqs, dev)
+        if self.zoom_cfg.position_mode == "sequential":
+            pos = pos.round().long()
+        g_feats = VisualFeatures(torch.cat([_split(a.feats.embeds, g_counts)[j] for j in keep]),
+                                 tuple(torch.cat([_split(d, g_counts)[j] for j in keep]) for d in a.feats.deepstack))
+        feats = interleave(g_feats, [g_counts[j] for j in keep], roi_feats, r_counts)
+        embeds = self.trunk.embed(ids, feats.embeds)
+        out = spec.text_model(inputs_embeds=embeds, attention_mask=mask, position_ids=self.trunk.model_positions(pos),
+                              use_cache=False, **spec.decoder_inputs(ids == spec.image_token_id, feats))
+        hidden = out.last_hidden_state[:, :-1]
+        target = labels[:, 1:]
+        sel = target != -100
+        logits = spec.lm_head(hidden[sel]).float()  # only the answer rows: no (B, S, V) logits
+        return F.cross_entropy(logits, target[sel])
+
+
+def _left_pad(seqs, dev):
+    L = max(ids.shape[0] for ids, _, _ in seqs)
+    B, axes = len(seqs), seqs[0][1].shape[0]
+    ids = torch.zeros(B, L, dtype=torch.long, device=dev)
+    mask = torch.zeros(B, L, dtype=torch.long, device=dev)
+    pos = torch.ones(axes, B, L, dtype=torch.float32, device=dev)
+    labels = torch.full((B, L), -100, dtype=torch.long, device=dev)
+    for b, (s_ids, s_pos, n_target) in enumerate(seqs):
+        n = s_ids.shape[0]
+        ids[b, L - n :] = s_ids
+        mask[b, L - n :] = 1
+        pos[:, b, L - n :] = s_pos.to(dev)
+        labels[b, L - n_target :] = s_ids[-n_target:]
+    return ids, mask, pos, labels
+
+
+def _trainable_llm(model, spec) -> None:
+    """Decoder layers + LM head train (with tied embeddings the head is the embedding matrix); the rest is frozen."""
+    freeze(model)
+    for module in (spec.layers, spec.lm_head):
+        for p in module.parameters():
+            p.requires_grad_(True)
+
+
+def _apply_lora(model, spec, lora):
+    from peft import LoraConfig, get_peft_model
+
+    layer_params = {id(m) for layer in spec.layers for m in layer.modules()}
+    targets = [name for name, m in model.named_modules()
+               if id(m) in layer_params and name.split(".")[-1] in lora.target_modules]
+    if not targets:
+        raise QZoomError(f"no decoder-layer module is named like {lora.target_modules}")
+    freeze(model)
+    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                            target_modules=targets))
+
+
+def train_stage2(cfg: RecipeConfig, stop_after: int | None = None) -> dict:
+    """`qzoom train stage2`: full-LLM (or LoRA) post-SFT; vision, merger, twig and gate stay frozen."""
+    sec = cfg.section("stage2")
+    model, processor, spec = load_backbone(ModelSection(**{**cfg.model.model_dump(), "dtype": sec.dtype}),
+                                           eval_mode=False)
+    model.eval()  # no dropout: the reference's decoder has none, and eval keeps runs reproducible
+    twig, _, zoom_cfg = load_adapters(sec.adapters, model)
+    if twig is None:
+        raise QZoomError(f"{sec.adapters} has no twig; stage 2 needs the stage-1 adapters")
+    freeze(twig)
+    zoom_cfg = zoom_cfg.model_copy(update={"roi_threshold": sec.roi_threshold,
+                                           "position_mode": sec.position_mode or spec.default_position_mode})
+    trained = _apply_lora(model, spec, sec.lora) if sec.lora else model
+    if not sec.lora:
+        _trainable_llm(model, spec)
+    rows = read_jsonl(sec.data)
+    if not rows:
+        raise QZoomError(f"{sec.data} holds no training rows (did mining find no regressions?)")
+    dataset = Stage2Dataset(rows, sec.box_noise, tuple(sec.box_noise_sides), sec.train.seed)
+    objective = PostSFTObjective(trained, spec, twig.to(model.device), processor.image_processor, zoom_cfg)
+    eos = model.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+
+    def save(module, out):
+        """`out/model/`: the full model + processor (HF format); `out/`: the twig adapters beside it.
+
+        Two folders because transformers reads an `adapter_config.json` next to a model as a peft adapter.
+        """
+        final = module.model
+        if sec.lora:
+            final.save_pretrained(str(out / "lora"))
+            final = final.merge_and_unload()
+        final.save_pretrained(str(out / "model"))
+        processor.save_pretrained(str(out / "model"))
+        save_zoom(final, processor, out, twig=twig, position_mode=zoom_cfg.position_mode)
+
+    return Trainer(objective, dataset, Stage2Collate(spec, processor, eos), sec.train, sec.out, save,
+                   stop_after=stop_after).train()
