@@ -89,6 +89,74 @@ def _infer(args) -> int:
     return 0
 
 
+def _config(args):
+    from .config import load_config
+
+    return load_config(args.config, args.set or [])
+
+
+def _report(result: dict) -> int:
+    import json
+
+    print(json.dumps(result, indent=1, default=str))
+    return 0
+
+
+def _tiny(args) -> int:
+    from .tiny import write_tiny_setup
+
+    out = write_tiny_setup(args.out, args.family, args.samples, args.seed)
+    print(f"tiny {args.family} setup in {out}/: model/, images/, records.jsonl, recipe.yaml")
+    print(f"next: qzoom labels stage1 --config {out}/recipe.yaml")
+    return 0
+
+
+def _labels(args) -> int:
+    if args.stage == "stage1":
+        from .stage1 import make_stage1_labels
+
+        return _report(make_stage1_labels(_config(args)))
+    from .stage3 import answer_at_budgets
+
+    return _report(answer_at_budgets(_config(args)))
+
+
+def _mine(args) -> int:
+    from .stage2 import mine
+
+    return _report(mine(_config(args)))
+
+
+def _train(args) -> int:
+    from . import stage1, stage2, stage3
+
+    run = {"stage1": stage1.train_stage1, "stage2": stage2.train_stage2, "stage3": stage3.train_stage3}[args.stage]
+    return _report(run(_config(args), stop_after=args.stop_after))
+
+
+def _heads(args) -> int:
+    from .heads import rank_heads, write_report
+
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    report = rank_heads(_config(args), layers=layers, limit=args.limit, top=args.top)
+    write_report(report, args.out)
+    for mode, r in report.items():
+        print(f"{mode}: pairs {r['suggested_pairs']}  sink pairs {r['suggested_sink_pairs']}")
+    print(f"full ranking -> {args.out}")
+    return 0
+
+
+_RECIPE_HELP = """Relative paths in the YAML file are relative to its folder. --set overrides any field,
+e.g. --set stage1.train.max_steps=100 --set model.dtype=bfloat16 (values are YAML)."""
+
+
+def _recipe_args(p, example: str) -> None:
+    p.description = f"{p.description}\n\nExample (tiny, CPU; first `qzoom tiny --out tiny`):\n  {example}\n\n{_RECIPE_HELP}"
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("--config", required=True, help="recipe YAML (see recipes/configs/)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qzoom", description="Q-Zoom adapters for Hugging Face MLLMs")
     sub = p.add_subparsers(dest="command", required=True)
@@ -116,6 +184,52 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--position-mode", choices=["aligned", "sequential"])
     i.add_argument("--max-new-tokens", type=int, default=32)
     i.set_defaults(func=_infer)
+
+    t = sub.add_parser("tiny", help="write a tiny random model, synthetic records and a recipe to try the recipes on",
+                       description="Example: qzoom tiny --out tiny", formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--out", required=True)
+    t.add_argument("--family", default="qwen2_5_vl", help="qwen2_5_vl | qwen2_vl | qwen3_vl | llava")
+    t.add_argument("--samples", type=int, default=16)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=_tiny)
+
+    lab = sub.add_parser("labels", help="build training data: stage-1 attention labels or stage-3 budget answers")
+    lab_sub = lab.add_subparsers(dest="stage", required=True)
+    for stage, desc in (("stage1", "Stage-1 pseudo-labels: teacher responses at the fixed grid and their attention "
+                                   "at the configured (layer, head) pairs (SPEC 4.1); sharded, resumable."),
+                        ("stage3", "Stage-3 answers: greedy answers at each visual-token budget (SPEC 4.4); "
+                                   "resumable.")):
+        sp = lab_sub.add_parser(stage, help=desc, description=desc)
+        _recipe_args(sp, f"qzoom labels {stage} --config tiny/recipe.yaml")
+        sp.set_defaults(func=_labels)
+
+    m = sub.add_parser("mine", help="stage-2 mining: direct vs always-zoomed answers, judged; keeps regressions",
+                       description="Stage-2 mining (SPEC 4.3): the base model's direct answer (A) and the stage-1 "
+                                   "model's always-zoomed answer (B), judged; keeps A-right/B-wrong samples.")
+    _recipe_args(m, "qzoom mine --config tiny/recipe.yaml")
+    m.set_defaults(func=_mine)
+
+    tr = sub.add_parser("train", help="train a stage: stage1 (twig), stage2 (post-SFT), stage3 (gate)")
+    tr_sub = tr.add_subparsers(dest="stage", required=True)
+    for stage, desc in (("stage1", "Train the twig on stage-1 labels; only layers < K and the twig run."),
+                        ("stage2", "Post-SFT of the LLM (or LoRA) on global + RoI sequences; loss on answers."),
+                        ("stage3", "Train the gate on consistency-aware labels; only layers < K and the gate run.")):
+        sp = tr_sub.add_parser(stage, help=desc, description=desc + " Runs on accelerate: `accelerate launch -m "
+                               "recipes.cli train ...` for several GPUs. A killed run resumes from its last "
+                               "checkpoint when started again.")
+        _recipe_args(sp, f"qzoom train {stage} --config tiny/recipe.yaml")
+        sp.add_argument("--stop-after", type=int, help="stop after this optimizer step (checkpointed; resumable)")
+        sp.set_defaults(func=_train)
+
+    h = sub.add_parser("heads", help="rank (layer, head) pairs for stage-1 labels on records with boxes",
+                       description="Choose stage-1 heads for a new backbone (see recipes/heads.py): score every "
+                                   "head of the candidate layers against ground-truth boxes.")
+    _recipe_args(h, "qzoom heads --config tiny/recipe.yaml --out tiny/heads.json")
+    h.add_argument("--out", required=True, help="JSON ranking")
+    h.add_argument("--layers", help="comma-separated candidate layers (default: all)")
+    h.add_argument("--limit", type=int, help="use at most this many records")
+    h.add_argument("--top", type=int, default=4, help="grounding heads to suggest")
+    h.set_defaults(func=_heads)
     return p
 
 

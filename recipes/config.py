@@ -94,6 +94,7 @@ class MineSection(_Section):
     judge_model: str | None = None
     metric: Literal["auto", "vqa", "anls", "relaxed"] = "auto"
     target: Literal["response", "ground_truth"] = "response"
+    keep: Literal["regressions", "zoomed"] = "regressions"  # zoomed: every sample that got a crop (RoI-SFT)
     roi_threshold: float = 0.15
     batch_size: int = 8
     max_new_tokens: int = 32
@@ -148,6 +149,7 @@ class Stage3Section(_Section):
     out: str
     model: str | None = None
     p_hard: float = 0.9
+    reference: Literal["ground_truth", "top_budget"] = "ground_truth"  # top_budget: no ground truth needed
     train: TrainSection = Field(default_factory=lambda: TrainSection(effective_batch=256))
 
 

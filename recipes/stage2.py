@@ -31,7 +31,8 @@ def mine(cfg: RecipeConfig, show_progress: bool = True) -> dict:
     """`qzoom mine`: A = direct answer, B = always-zoomed answer of the stage-1 model; keep A right, B wrong.
 
     Writes `mined.jsonl` (every judged sample, appended, resumable) and `regressions.jsonl` (the
-    stage-2 training set: records with `target` = A's response, or the ground truth if configured).
+    stage-2 training set: records with `target` = A's response, or the ground truth if configured;
+    with `keep: zoomed`, every sample that got a crop instead of only the regressions).
     """
     sec = cfg.section("mine")
     model, processor, spec = load_backbone(cfg.model)
@@ -69,7 +70,7 @@ def mine(cfg: RecipeConfig, show_progress: bool = True) -> dict:
     mined = read_jsonl(out.path)
     regressions = [{k: v for k, v in row.items() if k in SampleRecord.model_fields} |
                    {"target": row["response_a"] if sec.target == "response" else row["answers"][0]}
-                   for row in mined if row["regression"]]
+                   for row in mined if (row["regression"] if sec.keep == "regressions" else row["zoomed"])]
     write_jsonl(f"{sec.out}/regressions.jsonl", regressions)
     secs = time.perf_counter() - t0
     return {"judged": len(mined), "regressions": len(regressions), "new": len(todo),

@@ -100,12 +100,19 @@ class GateObjective(nn.Module):
         return total / n
 
 
-def gate_pool(rows: list[dict], seed: int):
+def gate_pool(rows: list[dict], seed: int, reference: str = "ground_truth"):
+    """Classify every answered question (SPEC §4.4) and balance HARD with EASY.
+
+    reference "top_budget" judges each budget against the highest budget's answer instead of the
+    ground truth (self-consistency labels for a pool without answers).
+    """
     items = []
     for row in rows:
-        if not row.get("answers"):
-            raise QZoomError(f"sample {row['id']!r} has no ground truth; stage-3 labels need answers")
-        items.append(GateItem.from_answers(row, row["budget_answers"], row["answers"]))
+        truths = [row["budget_answers"][-1]] if reference == "top_budget" else row.get("answers")
+        if not truths:
+            raise QZoomError(f"sample {row['id']!r} has no ground truth; stage-3 labels need answers "
+                             "(or set stage3.reference: top_budget)")
+        items.append(GateItem.from_answers(row, row["budget_answers"], truths))
     return build_pool(items, seed)
 
 
@@ -115,7 +122,7 @@ def train_stage3(cfg: RecipeConfig, stop_after: int | None = None) -> dict:
     model, processor, spec = load_backbone(_model_section(cfg, sec.model))
     freeze(model)
     twig, _, zoom_cfg = load_adapters(sec.adapters, model)
-    pool, stats = gate_pool(read_jsonl(sec.answers), sec.train.seed)
+    pool, stats = gate_pool(read_jsonl(sec.answers), sec.train.seed, sec.reference)
     print(f"stage-3 pool: {stats}")
     if not pool:
         raise QZoomError(f"no HARD/EASY item in {sec.answers} ({stats}); answer more questions or more budgets")

@@ -48,6 +48,8 @@ def write_tiny_setup(out, family: str = "qwen2_5_vl", samples: int = 16, seed: i
     write_jsonl(out / "records.jsonl", rows)
     grid = 6 if family == "llava" else 4
     train = {"batch_size": 4, "effective_batch": 4, "save_every": 2, "lr": 1e-3}
+    # A random model is never right, so the smoke recipe keeps every zoomed sample for stage 2 (not only
+    # regressions) and judges stage-3 budgets against the top budget (36 and 37 tokens give the same view).
     recipe = {
         "model": {"path": "model", "dtype": "float32"},
         "K": 3, "T": 3,
@@ -55,15 +57,17 @@ def write_tiny_setup(out, family: str = "qwen2_5_vl", samples: int = 16, seed: i
                           "batch_size": 4, "shard_size": 8, **TINY_PAIRS},
         "stage1": {"labels": "runs/labels1", "out": "runs/stage1", "train": {**train, "max_steps": 4}},
         "mine": {"records": "records.jsonl", "adapters": "runs/stage1", "out": "runs/mine", "roi_threshold": 0.5,
+                 "keep": "zoomed", "target": "ground_truth",
                  "batch_size": 4, "max_new_tokens": 6},
         "stage2": {"data": "runs/mine/regressions.jsonl", "adapters": "runs/stage1", "out": "runs/stage2",
                    "roi_threshold": 0.5, "train": {**train, "lr": 1e-4, "max_steps": 2}},
     }
     if family != "llava":  # LLaVA-1.5 sees one fixed resolution: there are no budgets to gate between
         recipe["labels_stage3"] = {"records": "records.jsonl", "out": "runs/labels3/answers.jsonl",
-                                   "model": "runs/stage2/model", "budgets": [4, 9, 16, 36], "max_new_tokens": 4,
+                                   "model": "runs/stage2/model", "budgets": [4, 9, 36, 37], "max_new_tokens": 4,
                                    "batch_size": 4}
         recipe["stage3"] = {"answers": "runs/labels3/answers.jsonl", "adapters": "runs/stage2", "out": "runs/stage3",
-                            "model": "runs/stage2/model", "train": {**train, "max_steps": 2}}
+                            "model": "runs/stage2/model", "reference": "top_budget",
+                            "train": {**train, "max_steps": 2}}
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     return out
