@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Example: qzoom tiny --out tiny", formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--out", required=True)
     t.add_argument("--family", default="qwen2_5_vl", help="qwen2_5_vl | qwen2_vl | qwen3_vl | llava")
-    t.add_argument("--samples", type=int, default=16)
+    t.add_argument("--samples", type=int, default=8)
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=_tiny)
 

@@ -15,7 +15,7 @@ from .synthetic import demo_scenes
 TINY_PAIRS = {"textual_pairs": {4: [0, 1], 5: [2]}, "natural_pairs": {4: [1, 3]}, "natural_sink_pairs": {2: [0]}}
 
 
-def write_tiny_setup(out, family: str = "qwen2_5_vl", samples: int = 16, seed: int = 0) -> Path:
+def write_tiny_setup(out, family: str = "qwen2_5_vl", samples: int = 8, seed: int = 0) -> Path:
     """Write `model/` (HF model + processor), `images/`, `records.jsonl` and `recipe.yaml` under `out`."""
     out = Path(out)
     if (out / "recipe.yaml").exists():
