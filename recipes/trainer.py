@@ -54,7 +54,9 @@ class Trainer:
         mp = self.cfg.mixed_precision
         if mp == "auto":
             mp = "bf16" if torch.cuda.is_available() else "no"
-        return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+        # `total` counts optimizer steps: the schedule must advance once per step (accelerate's default steps a
+        # prepared scheduler once per process per step, which would end the cosine early under DDP)
+        return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
 
     def _plan(self, world: int):
         cfg = self.cfg
