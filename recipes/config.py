@@ -55,6 +55,7 @@ class LabelsStage1Section(_Section):
     max_new_tokens: int = 128
     batch_size: int = 8
     shard_size: int = 256
+    num_workers: int = 0  # data-loader processes that read images and run the processor
     textual_pairs: Pairs
     natural_pairs: Pairs
     textual_sink_pairs: Pairs = Field(default_factory=dict)

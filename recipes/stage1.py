@@ -7,22 +7,21 @@ import torch
 from torch import nn
 
 from qzoom_adapters.config import ZoomConfig
-from qzoom_adapters.decode import eos_ids
 from qzoom_adapters.errors import QZoomError
 from qzoom_adapters.io import load_adapters
 from qzoom_adapters.labels import padding_cells, tristate_labels
 from qzoom_adapters.losses import selective_bce
 from qzoom_adapters.pipeline import QZoom
-from qzoom_adapters.probe import average_map, probe_attention
 from qzoom_adapters.spec import get_spec
 from qzoom_adapters.trunk import Trunk
 from qzoom_adapters.twig import TwigRPN
 
 from .config import LabelsStage1Section, RecipeConfig
-from .data import chunks, fixed_grid_view, load_image, read_records
+from .data import fixed_grid_view, load_image, read_records
 from .label_store import LabelStore, LabelWriter
-from .models import batch_to, freeze, load_backbone, placeholder_ids
+from .models import batch_to, freeze, load_backbone
 from .progress import progress
+from .teacher import Teacher
 from .trainer import Trainer
 
 
@@ -35,28 +34,6 @@ def stage1_prompt(record, sec: LabelsStage1Section) -> str:
     if q.endswith(sec.answer_suffix):
         q = q[: -len(sec.answer_suffix)].rstrip()
     return f"{q}\n{sec.grounding_prompt}"
-
-
-def response_rows(prompt_len: int, sequences: torch.Tensor, eos: set[int], pad_id: int):
-    """Responses cut after their first EOS, and the decode-step query rows of the full sequence.
-
-    A decode step's query is a generated token fed back in: responses[:, :-1] (the prefill row,
-    which produced the first token, is not one).
-    Returns (response ids (B, N) padded with `pad_id`, response mask (B, N), rows (B, R), row mask (B, R)).
-    """
-    gen = sequences[:, prompt_len:]
-    B, N = gen.shape
-    lengths = []
-    for row in gen.tolist():
-        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
-        lengths.append(cut)
-    lengths = torch.tensor(lengths)
-    keep = torch.arange(N)[None] < lengths[:, None]
-    resp = gen.masked_fill(~keep.to(gen.device), pad_id)
-    R = max(1, int(lengths.max()) - 1)
-    rows = prompt_len + torch.arange(R)[None].expand(B, R)
-    row_mask = torch.arange(R)[None] < (lengths - 1)[:, None]
-    return resp, keep.long(), rows, row_mask
 
 
 def _pairs_for(sec: LabelsStage1Section, mode: str):
@@ -72,59 +49,48 @@ def _label_settings(cfg: RecipeConfig, spec) -> dict:
             "answer_suffix": sec.answer_suffix, "grounding_prompt": sec.grounding_prompt}
 
 
-@torch.no_grad()
+class _LabelBatches:
+    """Collate for label generation: load the records' images and build the teacher's inputs (in workers)."""
+
+    def __init__(self, teacher: Teacher, sec: LabelsStage1Section):
+        self.teacher, self.sec = teacher, sec
+
+    def __call__(self, records):
+        images = [load_image(r) for r in records]
+        inputs = self.teacher.prepare(images, [stage1_prompt(r, self.sec) for r in records])
+        return records, [im.size for im in images], inputs
+
+
 def make_stage1_labels(cfg: RecipeConfig, show_progress: bool = True) -> dict:
     """`qzoom labels stage1`: greedy teacher responses + probed attention maps, sharded and resumable."""
     sec = cfg.section("labels_stage1")
     model, processor, spec = load_backbone(cfg.model)
-    trunk = Trunk(spec)
+    teacher = Teacher(model, processor, spec, sec.grid, sec.max_new_tokens)
     layers = sorted({l for p in (sec.textual_pairs, sec.natural_pairs, sec.textual_sink_pairs,
                                  sec.natural_sink_pairs) for l in p})
-    records = read_records(sec.records)
     writer = LabelWriter(sec.out, _label_settings(cfg, spec), sec.shard_size)
-    todo = [r for r in records if r.id not in writer.done]
-    eos = eos_ids(model)
-    if not eos:
-        raise QZoomError("the model's generation_config has no eos_token_id; set one so responses can end")
-    pad_id = processor.tokenizer.pad_token_id or 0
-    placeholders = placeholder_ids(spec)
-    t0, n = time.perf_counter(), 0
+    todo = [r for r in read_records(sec.records) if r.id not in writer.done]
+    loader = torch.utils.data.DataLoader(todo, batch_size=sec.batch_size, collate_fn=_LabelBatches(teacher, sec),
+                                         num_workers=sec.num_workers)
+    t0, n, gpu_s = time.perf_counter(), 0, 0.0
     bar = progress(total=len(todo), desc="stage-1 labels", disable=not show_progress)
-    for batch in chunks(todo, sec.batch_size):
-        images = [load_image(r) for r in batch]
-        views = [fixed_grid_view(spec, im, sec.grid) for im in images]
-        inputs = spec.chat_inputs(processor, [v[0] for v in views], [stage1_prompt(r, sec) for r in batch],
-                                  pixels=views[0][1])
-        inputs = batch_to(inputs, model.device)
-        grids = spec.image_grids(inputs)
-        if any(spec.token_grid(g) != (sec.grid, sec.grid) for g in grids):
-            raise QZoomError(f"the fixed view gave grids {[spec.token_grid(g) for g in grids]}, not "
-                             f"{sec.grid}x{sec.grid}; check the processor's patch/merge sizes")
-        S = inputs["input_ids"].shape[1]
-        seq = model.generate(**inputs, do_sample=False, max_new_tokens=sec.max_new_tokens,
-                             eos_token_id=sorted(eos), pad_token_id=pad_id, suppress_tokens=placeholders)
-        resp, resp_mask, rows, row_mask = response_rows(S, seq.cpu(), eos, pad_id)
-        dev = model.device
-        ids = torch.cat([inputs["input_ids"], resp.to(dev)], dim=1)
-        mask = torch.cat([inputs["attention_mask"], resp_mask.to(dev)], dim=1)
-        attn = probe_attention(trunk, ids, mask, inputs["pixel_values"], grids, rows.to(dev), layers)
-        image_mask = ids == spec.image_token_id
+    for batch, sizes, inputs in loader:
+        t1 = time.perf_counter()
+        out = teacher.answer_and_probe(inputs, layers)
         for b, rec in enumerate(batch):
             pairs, sink_pairs = _pairs_for(sec, rec.mode)
-            one = {l: a[b : b + 1] for l, a in attn.items()}
-            A = average_map(one, pairs, row_mask[b : b + 1].to(dev), image_mask[b : b + 1])[0]
-            Sk = (average_map(one, sink_pairs, row_mask[b : b + 1].to(dev), image_mask[b : b + 1])[0]
-                  if sink_pairs else torch.zeros_like(A))
-            text = processor.tokenizer.decode(resp[b][resp_mask[b].bool()], skip_special_tokens=True)
-            writer.add(rec.id, A.reshape(sec.grid, sec.grid).cpu(), Sk.reshape(sec.grid, sec.grid).cpu(),
-                       {"image_size": list(images[b].size), "mode": rec.mode, "response": text,
-                        "steps": int(row_mask[b].sum())})
+            A = out.map(b, pairs, sec.grid)
+            writer.add(rec.id, A, out.map(b, sink_pairs, sec.grid) if sink_pairs else torch.zeros_like(A),
+                       {"image_size": list(sizes[b]), "mode": rec.mode, "response": out.responses[b],
+                        "steps": int(out.row_mask[b].sum())})
+        gpu_s += time.perf_counter() - t1
         n += len(batch)
         bar.update(len(batch))
     writer.flush()
     bar.close()
     secs = time.perf_counter() - t0
-    return {"labelled": n, "total": len(writer.done), "seconds": secs, "samples_per_s": n / secs if n else 0.0}
+    return {"labelled": n, "total": len(writer.done), "seconds": secs, "samples_per_s": n / secs if n else 0.0,
+            "model_seconds": gpu_s}
 
 
 # --- training the twig ----------------------------------------------------------------------

@@ -60,12 +60,19 @@ class Teacher:
             raise QZoomError("the model's generation_config has no eos_token_id; set one so responses can end")
         self.pad_id = processor.tokenizer.pad_token_id or 0
 
-    @torch.no_grad()
+    def prepare(self, images: list[Image.Image], prompts: list[str]) -> dict:
+        """Processor inputs of the fixed views (CPU work: runs in data-loader workers)."""
+        views = [fixed_grid_view(self.spec, im, self.grid) for im in images]
+        return self.spec.chat_inputs(self.processor, [v[0] for v in views], prompts, pixels=views[0][1])
+
     def run(self, images: list[Image.Image], prompts: list[str], layers: list[int]) -> TeacherOutput:
+        return self.answer_and_probe(self.prepare(images, prompts), layers)
+
+    @torch.no_grad()
+    def answer_and_probe(self, inputs: dict, layers: list[int]) -> TeacherOutput:
+        """Greedy responses, then the attention of their decode steps at `layers`."""
         spec, model = self.spec, self.model
-        views = [fixed_grid_view(spec, im, self.grid) for im in images]
-        inputs = batch_to(spec.chat_inputs(self.processor, [v[0] for v in views], prompts, pixels=views[0][1]),
-                          model.device)
+        inputs = batch_to(inputs, model.device)
         grids = spec.image_grids(inputs)
         if any(spec.token_grid(g) != (self.grid, self.grid) for g in grids):
             raise QZoomError(f"the fixed view gave grids {[spec.token_grid(g) for g in grids]}, not "
@@ -81,5 +88,5 @@ class Teacher:
         mask = torch.cat([inputs["attention_mask"], resp_mask.to(dev)], dim=1)
         attn = probe_attention(self.trunk, ids, mask, inputs["pixel_values"], grids, rows.to(dev), layers)
         texts = [self.processor.tokenizer.decode(resp[b][resp_mask[b].bool()], skip_special_tokens=True)
-                 for b in range(len(images))]
+                 for b in range(ids.shape[0])]
         return TeacherOutput(attn, row_mask, ids == spec.image_token_id, texts)

@@ -114,19 +114,23 @@ class Trainer:
                 self.on_epoch(epoch)
             order = epoch_order(len(self.dataset), cfg.seed, epoch, acc.process_index, acc.num_processes)
             first = in_epoch * accum
+            # workers load and collate ahead (num_workers); the index order alone fixes what each step sees
+            loader = iter(torch.utils.data.DataLoader(
+                _EpochView(self.dataset, epoch), batch_size=cfg.batch_size, collate_fn=self.collate,
+                sampler=order[first * cfg.batch_size : micro_per_epoch * cfg.batch_size],
+                num_workers=cfg.num_workers, drop_last=True))
             for start in range(first, micro_per_epoch, accum):
                 group = range(start, min(start + accum, micro_per_epoch))
                 loss_sum = 0.0
-                for j, m in enumerate(group):
-                    idx = order[m * cfg.batch_size : (m + 1) * cfg.batch_size]
-                    batch = self.collate([self._item(i, epoch) for i in idx])
+                for j, _ in enumerate(group):
+                    batch = next(loader)
                     sync = j == len(group) - 1
                     ctx = acc.no_sync(module) if not sync and acc.num_processes > 1 else nullcontext()
                     with ctx:
                         loss = module(batch) / len(group)
                         acc.backward(loss)
                     loss_sum += float(loss.detach())
-                    seen += len(idx) * acc.num_processes
+                    seen += cfg.batch_size * acc.num_processes
                 if cfg.grad_clip:
                     acc.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()
@@ -153,10 +157,6 @@ class Trainer:
         acc.wait_for_everyone()
         return summary
 
-    def _item(self, i: int, epoch: int):
-        get = getattr(self.dataset, "get", None)
-        return get(i, epoch) if get is not None else self.dataset[i]
-
     def _checkpoint(self, acc, ckpt_dir: Path, step: int) -> None:
         """Save to a temporary folder, then rename: a kill during saving leaves the previous checkpoint intact."""
         final = ckpt_dir / f"step-{step}"
@@ -174,6 +174,20 @@ class Trainer:
             for old in kept[: -self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
+
+
+class _EpochView(torch.utils.data.Dataset):
+    """A dataset as seen in one epoch: `get(i, epoch)` when it draws per epoch, else `dataset[i]`."""
+
+    def __init__(self, dataset, epoch: int):
+        self.dataset, self.epoch = dataset, epoch
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        get = getattr(self.dataset, "get", None)
+        return get(i, self.epoch) if get is not None else self.dataset[i]
 
 
 class _Log:

@@ -56,10 +56,10 @@ def build(work: Path, samples: int, steps: int) -> None:
     recipe = {
         "model": {"path": "model", "dtype": "bfloat16"}, "K": 24, "T": 3,
         "labels_stage1": {"records": "records.jsonl", "out": "labels1", "grid": 24, "max_new_tokens": 128,
-                          "batch_size": 16, "shard_size": 256, "textual_pairs": {20: [1, 4], 22: [14]},
+                          "batch_size": 16, "shard_size": 256, "num_workers": 8, "textual_pairs": {20: [1, 4], 22: [14]},
                           "natural_pairs": {21: [9, 11], 22: [0, 7]}, "natural_sink_pairs": {8: [1, 13]}},
         "stage1": {"labels": "labels1", "out": "stage1",
-                   "train": {"batch_size": 16, "effective_batch": 32, "max_steps": steps, "save_every": steps,
+                   "train": {"batch_size": 16, "effective_batch": 32, "max_steps": steps, "save_every": steps, "num_workers": 8,
                              "log_every": 5}},
     }
     (work / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))

@@ -25,8 +25,9 @@ from recipes.data import fixed_grid_view, load_image, read_records
 from recipes.label_store import MANIFEST, LabelStore, LabelWriter
 from recipes.models import load_backbone
 from recipes.stage1 import (Stage1Collate, Stage1Dataset, TwigObjective, build_twig, make_stage1_labels,
-                            response_rows, stage1_prompt, train_stage1)
+                            stage1_prompt, train_stage1)
 from recipes.tiny import write_tiny_setup
+from recipes.teacher import response_rows
 from recipes.trainer import DONE_NAME
 
 FAMILIES = ["qwen2_5_vl", "qwen3_vl", "llava"]
