@@ -180,4 +180,4 @@ def train_stage1(cfg: RecipeConfig, stop_after: int | None = None) -> dict:
         save_zoom(model, processor, out, twig=module.twig.to(model.dtype))
 
     return Trainer(objective, dataset, Stage1Collate(spec, processor), sec.train, sec.out, save,
-                   stop_after=stop_after).train()
+                   stop_after=stop_after, find_unused_parameters=True).train()

@@ -40,23 +40,27 @@ class Trainer:
     """Train `module` on `dataset`; `save_outputs(module, out_dir)` writes the final artefacts."""
 
     def __init__(self, module: nn.Module, dataset, collate, cfg: TrainSection, out_dir, save_outputs,
-                 on_epoch=None, stop_after: int | None = None):
+                 on_epoch=None, stop_after: int | None = None, find_unused_parameters: bool = False):
         self.module, self.dataset, self.collate, self.cfg = module, dataset, collate, cfg
         self.out = Path(out_dir)
         self.save_outputs = save_outputs
         self.on_epoch = on_epoch  # e.g. dataset.set_epoch for per-epoch random draws
         self.stop_after = stop_after  # stop (as if killed) after this optimizer step's checkpoint
+        # DDP must be told when some trainable parameters get no gradient (the twig's last layer: only q/k)
+        self.find_unused_parameters = find_unused_parameters
 
     # --- setup ----------------------------------------------------------------------------
     def _accelerator(self):
-        from accelerate import Accelerator
+        from accelerate import Accelerator, DistributedDataParallelKwargs
 
         mp = self.cfg.mixed_precision
         if mp == "auto":
             mp = "bf16" if torch.cuda.is_available() else "no"
         # `total` counts optimizer steps: the schedule must advance once per step (accelerate's default steps a
         # prepared scheduler once per process per step, which would end the cosine early under DDP)
-        return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=self.find_unused_parameters)
+        return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False,
+                           kwargs_handlers=[ddp])
 
     def _plan(self, world: int):
         cfg = self.cfg
