@@ -65,6 +65,18 @@ def read_records(path) -> list[SampleRecord]:
     return records
 
 
+def read_rows(path) -> list[dict]:
+    """Rows of a results file (regressions, stage-3 answers) with `image` made absolute like `read_records`."""
+    path = Path(path)
+    if not path.is_file():
+        raise QZoomError(f"no file at {path}")
+    rows = read_jsonl(path)
+    for row in rows:
+        if "image" in row and not os.path.isabs(row["image"]):
+            row["image"] = str((path.parent / row["image"]).resolve())
+    return rows
+
+
 def write_jsonl(path, rows: Iterable) -> None:
     """Write rows (dicts or pydantic models) atomically: a temporary file renamed into place."""
     path = Path(path)

@@ -12,12 +12,12 @@ from qzoom_adapters.errors import QZoomError
 from qzoom_adapters.io import load_adapters
 from qzoom_adapters.pipeline import QZoom, crop_from_heatmap
 from qzoom_adapters.positions import roi_sequence
-from qzoom_adapters.roi import Crop
+from qzoom_adapters.roi import Crop, box_to_pixels
 from qzoom_adapters.spec import VisualFeatures
 from qzoom_adapters.trunk import Trunk
 
 from .config import ModelSection, RecipeConfig
-from .data import JsonlAppender, SampleRecord, chunks, load_image, read_jsonl, read_records, write_jsonl
+from .data import JsonlAppender, SampleRecord, chunks, load_image, read_jsonl, read_records, read_rows, write_jsonl
 from .gate_labels import item_rng
 from .judge import JudgeItem, make_judge
 from .models import batch_to, freeze, load_backbone
@@ -102,8 +102,8 @@ def random_crop(image, noise, grid_hw, min_side: int) -> Crop:
     """The noise box (x, y, w, h as fractions of the image) as a `Crop`, with its box in global-token units."""
     W, H = image.size
     x, y, fw, fh = noise
-    px = [int(x * W), int(y * H), int((x + fw) * W), int((y + fh) * H)]
-    px[2], px[3] = max(px[2], min(W, px[0] + min_side)), max(px[3], min(H, px[1] + min_side))
+    # the 28-px rule of a predicted box (SPEC §2.7): grow a short side, shift it back inside, never shrink
+    px = box_to_pixels((x * W, y * H, (x + fw) * W, (y + fh) * H), (H, W), (W, H), min_side)
     h_t, w_t = grid_hw
     tok = (int(px[0] * w_t / W), int(px[1] * h_t / H), max(int(px[0] * w_t / W) + 1, -(-px[2] * w_t // W)),
            max(int(px[1] * h_t / H) + 1, -(-px[3] * h_t // H)))
@@ -253,10 +253,11 @@ def train_stage2(cfg: RecipeConfig, stop_after: int | None = None) -> dict:
     freeze(twig)
     zoom_cfg = zoom_cfg.model_copy(update={"roi_threshold": sec.roi_threshold,
                                            "position_mode": sec.position_mode or spec.default_position_mode})
+    torch.manual_seed(sec.train.seed)  # LoRA's random init follows the run's seed (reproducible runs)
     trained = _apply_lora(model, spec, sec.lora) if sec.lora else model
     if not sec.lora:
         _trainable_llm(model, spec)
-    rows = read_jsonl(sec.data)
+    rows = read_rows(sec.data)
     if not rows:
         raise QZoomError(f"{sec.data} holds no training rows (did mining find no regressions?)")
     dataset = Stage2Dataset(rows, sec.box_noise, tuple(sec.box_noise_sides), sec.train.seed)
@@ -275,7 +276,7 @@ def train_stage2(cfg: RecipeConfig, stop_after: int | None = None) -> dict:
             final = final.merge_and_unload()
         final.save_pretrained(str(out / "model"))
         processor.save_pretrained(str(out / "model"))
-        save_zoom(final, processor, out, twig=twig, position_mode=zoom_cfg.position_mode)
+        save_zoom(final, processor, out, twig=twig, **zoom_cfg.model_dump())
 
     return Trainer(objective, dataset, Stage2Collate(spec, processor, eos), sec.train, sec.out, save,
                    stop_after=stop_after).train()

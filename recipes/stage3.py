@@ -16,7 +16,7 @@ from qzoom_adapters.io import load_adapters
 from qzoom_adapters.trunk import Trunk
 
 from .config import ModelSection, RecipeConfig
-from .data import JsonlAppender, SampleRecord, chunks, load_image, read_jsonl, read_records
+from .data import JsonlAppender, SampleRecord, chunks, load_image, read_records, read_rows
 from .gate_labels import GateDrawDataset, GateItem, build_pool, collate_drop_none
 from .models import batch_to, freeze, load_backbone, placeholder_ids
 from .progress import progress
@@ -122,11 +122,12 @@ def train_stage3(cfg: RecipeConfig, stop_after: int | None = None) -> dict:
     model, processor, spec = load_backbone(_model_section(cfg, sec.model))
     freeze(model)
     twig, _, zoom_cfg = load_adapters(sec.adapters, model)
-    pool, stats = gate_pool(read_jsonl(sec.answers), sec.train.seed, sec.reference)
+    pool, stats = gate_pool(read_rows(sec.answers), sec.train.seed, sec.reference)
     print(f"stage-3 pool: {stats}")
     if not pool:
         raise QZoomError(f"no HARD/EASY item in {sec.answers} ({stats}); answer more questions or more budgets")
     dataset = GateDrawDataset(pool, seed=sec.train.seed, p_hard=sec.p_hard)
+    torch.manual_seed(sec.train.seed)  # the head's random init follows the run's seed (reproducible runs)
     gate = DynamicGate.from_backbone(model, K=cfg.K, T=cfg.T).float()
     objective = GateObjective(model, spec, gate)
 

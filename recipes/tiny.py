@@ -68,6 +68,6 @@ def write_tiny_setup(out, family: str = "qwen2_5_vl", samples: int = 8, seed: in
                                    "batch_size": 4}
         recipe["stage3"] = {"answers": "runs/labels3/answers.jsonl", "adapters": "runs/stage2", "out": "runs/stage3",
                             "model": "runs/stage2/model", "reference": "top_budget",
-                            "train": {**train, "max_steps": 2}}
+                            "train": {**train, "batch_size": 2, "effective_batch": 2, "max_steps": 2}}
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     return out
