@@ -1,1 +1,5 @@
-"""Recipes: inference and (in later releases) the three training stages, as objects and `qzoom` commands."""
+"""Recipes: inference and the three training stages, as objects (`Stage1Recipe`, ...) and `qzoom` commands."""
+from .config import RecipeConfig, load_config
+from .recipe import Stage1Recipe, Stage2Recipe, Stage3Recipe
+
+__all__ = ["RecipeConfig", "Stage1Recipe", "Stage2Recipe", "Stage3Recipe", "load_config"]

@@ -111,27 +111,25 @@ def _tiny(args) -> int:
     return 0
 
 
+_RECIPES = {"stage1": "Stage1Recipe", "stage2": "Stage2Recipe", "stage3": "Stage3Recipe"}
+
+
+def _recipe(args, stage: str):
+    from . import recipe
+
+    return getattr(recipe, _RECIPES[stage])(_config(args))
+
+
 def _labels(args) -> int:
-    if args.stage == "stage1":
-        from .stage1 import make_stage1_labels
-
-        return _report(make_stage1_labels(_config(args)))
-    from .stage3 import answer_at_budgets
-
-    return _report(answer_at_budgets(_config(args)))
+    return _report(_recipe(args, args.stage).label())
 
 
 def _mine(args) -> int:
-    from .stage2 import mine
-
-    return _report(mine(_config(args)))
+    return _report(_recipe(args, "stage2").mine())
 
 
 def _train(args) -> int:
-    from . import stage1, stage2, stage3
-
-    run = {"stage1": stage1.train_stage1, "stage2": stage2.train_stage2, "stage3": stage3.train_stage3}[args.stage]
-    return _report(run(_config(args), stop_after=args.stop_after))
+    return _report(_recipe(args, args.stage).train(stop_after=args.stop_after))
 
 
 def _heads(args) -> int:

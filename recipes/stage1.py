@@ -153,6 +153,9 @@ def build_twig(model, cfg: RecipeConfig, init_adapters: str | None) -> TwigRPN:
         twig, _, _ = load_adapters(init_adapters, model)
         if twig is None:
             raise QZoomError(f"{init_adapters} holds no twig to continue training")
+        if (twig.K, twig.T) != (cfg.K, cfg.T):
+            raise QZoomError(f"{init_adapters} holds a twig with K={twig.K}, T={twig.T} but the recipe says "
+                             f"K={cfg.K}, T={cfg.T}; set K/T to the adapters' values")
     else:
         twig = TwigRPN.from_backbone(model, K=cfg.K, T=cfg.T)
     twig = twig.float()  # fp32 master weights; bf16 compute comes from autocast

@@ -22,6 +22,7 @@ from torch import nn
 from qzoom_adapters.errors import QZoomError
 
 from .config import TrainSection
+from .progress import progress
 
 DONE_NAME = "training_complete.json"
 
@@ -110,6 +111,8 @@ class Trainer:
             step = json.loads((latest / "trainer_state.json").read_text())["step"]
             acc.print(f"resuming from {latest} (step {step} of {total})")
         log = _Log(self.out, acc.is_main_process, resume_step=step)
+        bar = progress(total=total, desc=f"training -> {self.out.name}", disable=not acc.is_main_process)
+        bar.update(step)
         module.train()
         t0, seen = time.perf_counter(), 0
         while step < total:
@@ -141,17 +144,21 @@ class Trainer:
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
+                bar.update(1)
                 loss_all = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), "mean"))
                 if step % cfg.log_every == 0 or step == total:
                     log.write(step=step, epoch=epoch, loss=loss_all, lr=sched.get_last_lr()[0],
                               samples_per_s=seen / (time.perf_counter() - t0), elapsed_s=time.perf_counter() - t0)
+                    bar.set_postfix(loss=f"{loss_all:.4f}")
                 if step % cfg.save_every == 0 or step == total or step == self.stop_after:
                     self._checkpoint(acc, ckpt_dir, step)
                 if step == self.stop_after and step < total:
+                    bar.close()
                     acc.print(f"stopping after step {step} as asked; run again to resume")
                     return {"step": step, "finished": False}
                 if step >= total:
                     break
+        bar.close()
         acc.wait_for_everyone()
         summary = {"step": step, "finished": True, "samples_per_s": seen / max(time.perf_counter() - t0, 1e-9),
                    "final_loss": log.last_loss, "processes": acc.num_processes}

@@ -265,3 +265,22 @@ def empty_mask_answers_directly(kit: Kit):
     ref = zoom.generate_from_inputs(inputs, [img], max_new_tokens=4, return_trace=True)[0]
     assert not out.zoomed and out.bbox is None and out.heatmap is not None
     assert out.tokens == ref.tokens and torch.equal(out.trace["first_logits"], ref.trace["first_logits"])
+
+
+@check
+@torch.no_grad()
+def budget_views_give_their_grid(kit: Kit):
+    """Training views: a square view at `budget_pixels(g*g)` encodes to exactly g x g tokens (stage 1/3)."""
+    spec = get_spec(kit.model)
+    for g in (3, 4, 6):
+        try:
+            pixels = spec.budget_pixels(g * g)
+        except QZoomError:
+            continue  # a fixed-resolution family: only its own grid is a valid budget
+        side = int(round((pixels or 0) ** 0.5))
+        image = synthetic_image(side, side, g) if pixels is not None else kit.images[0]
+        inputs = spec.chat_inputs(kit.processor, [image], ["What is here?"], pixels=pixels)
+        h_w = spec.token_grid(spec.image_grids(inputs)[0])
+        if pixels is not None:
+            assert h_w == (g, g), f"budget_pixels({g * g}) gave a {h_w} grid for a square view"
+        assert int((inputs["input_ids"] == spec.image_token_id).sum()) == h_w[0] * h_w[1]
