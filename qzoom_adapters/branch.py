@@ -23,6 +23,17 @@ def check_branch_point(num_layers: int, K: int, T: int, min_K: int = 1) -> None:
         )
 
 
+def _without_hooks(module: nn.Module) -> nn.Module:
+    """Drop hooks a deep copy took over from the trunk's layers (e.g. a user's own hooks): they belong there."""
+    for m in module.modules():
+        for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+                     "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called"):
+            hooks = getattr(m, name, None)
+            if hooks is not None:
+                hooks.clear()
+    return module
+
+
 class Branch(nn.Module):
     """T decoder layers of the backbone's own class, initialised from `layers[K:K+T]`."""
 
@@ -38,7 +49,7 @@ class Branch(nn.Module):
         """Copy `layers[K:K+T]` of `model` (separate parameters, same class, dtype and device)."""
         spec = get_spec(model)
         check_branch_point(len(spec.layers), K, T, spec.min_branch_layer)
-        layers = nn.ModuleList(copy.deepcopy(spec.layers[K + i]) for i in range(T))
+        layers = nn.ModuleList(_without_hooks(copy.deepcopy(spec.layers[K + i])) for i in range(T))
         for p in layers.parameters():
             p.requires_grad_(True)
         return cls(layers, K, spec.family, **kwargs)

@@ -100,3 +100,14 @@ def test_unset_position_mode_takes_the_backbone_default(qwen25, llava, tmp_path)
     assert zoom.config.position_mode == "sequential"
     zoom.save_pretrained(tmp_path)
     assert '"position_mode": "sequential"' in (tmp_path / "adapter_config.json").read_text()
+
+
+def test_branch_copies_do_not_take_over_trunk_hooks(qwen25):
+    model = qwen25.fresh_model(0)
+    layer = qz.get_spec(model).layers[3]
+    handle = layer.register_forward_hook(lambda m, a, o: None)
+    try:
+        twig = qz.TwigRPN.from_backbone(model, K=3, T=2)
+        assert not twig.layers[0]._forward_hooks and layer._forward_hooks  # the trunk keeps its hook
+    finally:
+        handle.remove()
