@@ -130,6 +130,15 @@ def _run_captured(objective, batch):
     return loss, rec
 
 
+def _setup(tiny, family, n):
+    """The tiny setup of `family`: (model, processor, spec, stage-1 twig, n records, their images)."""
+    t = tiny(family)
+    model, processor, spec = t.load()
+    twig, _, _ = load_adapters(t.adapters, model)
+    recs = t.records(n)
+    return model, processor, spec, twig, recs, [load_image(r) for r in recs]
+
+
 def _questions(records):
     # different lengths, so the batch is really left-padded
     return [r.question + " Be brief." * i for i, r in enumerate(records)]
@@ -138,11 +147,7 @@ def _questions(records):
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl", "llava"])
 def test_postsft_sequence_is_the_inference_sequence(tiny, family):
     """No box noise: the training sequence is exactly what the zoomed pipeline reads (SPEC §4.3, [fix] prompt query)."""
-    t = tiny(family)
-    model, processor, spec = t.load()
-    twig, _, _ = load_adapters(t.adapters, model)
-    recs = t.records(3)
-    images = [load_image(r) for r in recs]
+    model, processor, spec, twig, recs, images = _setup(tiny, family, 3)
     assert len({im.size for im in images}) > 1  # different global grids: the feature interleave is exercised
     questions = _questions(recs)
     inputs = spec.chat_inputs(processor, images, questions)
@@ -182,11 +187,7 @@ def test_postsft_sequence_is_the_inference_sequence(tiny, family):
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
 def test_postsft_loss_is_only_on_answer_tokens(tiny, family):
-    t = tiny(family)
-    model, processor, spec = t.load()
-    twig, _, _ = load_adapters(t.adapters, model)
-    recs = t.records(2)
-    images = [load_image(r) for r in recs]
+    model, processor, spec, twig, recs, images = _setup(tiny, family, 2)
     targets = ["xy", "hello"]
     batch = _batch(spec, processor, model, images, _questions(recs), targets)
     tok = processor.tokenizer
