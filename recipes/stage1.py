@@ -9,7 +9,7 @@ from torch import nn
 from qzoom_adapters.config import ZoomConfig
 from qzoom_adapters.errors import QZoomError
 from qzoom_adapters.io import load_adapters
-from qzoom_adapters.labels import padding_cells, tristate_labels
+from qzoom_adapters.labels import IGNORE, padding_cells, tristate_labels
 from qzoom_adapters.losses import selective_bce
 from qzoom_adapters.pipeline import QZoom
 from qzoom_adapters.spec import get_spec
@@ -135,6 +135,11 @@ class TwigObjective(nn.Module):
         self.twig = twig
         self._frozen = (model,)  # not a submodule: DDP/accelerate see only the twig
         self.trunk = Trunk(get_spec(model))
+
+    @staticmethod
+    def loss_terms(batch) -> int:
+        """Valid (non-ignored) cells: the loss is their mean over the whole effective batch (SPEC §4.2)."""
+        return int((batch["labels"] != IGNORE).sum())
 
     def forward(self, batch):
         spec = self.trunk.spec

@@ -147,6 +147,11 @@ class PostSFTObjective(nn.Module):
         self.spec = spec  # built on the unwrapped model, whose modules peft changed in place
         self.trunk = Trunk(spec)
 
+    @staticmethod
+    def loss_terms(batch) -> int:
+        """Answer tokens (a sample that gets no crop drops out of its micro-batch's mean)."""
+        return sum(len(t) for t in batch["targets"])
+
     def _crops(self, inputs, batch):
         """The twig's live prediction at the last prompt token **[fix]**, or the noise box."""
         spec, twig = self.spec, self._twig[0]

@@ -86,6 +86,11 @@ class GateObjective(nn.Module):
         self._frozen = (model,)
         self.trunk = Trunk(spec)
 
+    @staticmethod
+    def loss_terms(groups) -> int:
+        """Drawn items (ignored draws are already dropped)."""
+        return sum(len(g["labels"]) for g in groups)
+
     def forward(self, groups):
         dev = next(self.gate.parameters()).device
         if not groups:  # every draw of this batch was "ignore": a zero that keeps the graph

@@ -127,16 +127,16 @@ class Trainer:
                 sampler=order[first * cfg.batch_size : micro_per_epoch * cfg.batch_size],
                 num_workers=cfg.num_workers, drop_last=True))
             for start in range(first, micro_per_epoch, accum):
-                group = range(start, min(start + accum, micro_per_epoch))
+                batches = [next(loader) for _ in range(start, min(start + accum, micro_per_epoch))]
+                weights = self._weights(acc, batches)
                 loss_sum = 0.0
-                for j, _ in enumerate(group):
-                    batch = next(loader)
-                    sync = j == len(group) - 1
+                for j, (batch, w) in enumerate(zip(batches, weights)):
+                    sync = j == len(batches) - 1
                     ctx = acc.no_sync(module) if not sync and acc.num_processes > 1 else nullcontext()
                     with ctx:
-                        loss = module(batch) / len(group)
-                        acc.backward(loss)
-                    loss_sum += float(loss.detach())
+                        loss = module(batch)
+                        acc.backward(loss * w)
+                    loss_sum += float(loss.detach()) * w / acc.num_processes
                     seen += cfg.batch_size * acc.num_processes
                 if cfg.grad_clip:
                     acc.clip_grad_norm_(params, cfg.grad_clip)
@@ -145,7 +145,7 @@ class Trainer:
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 bar.update(1)
-                loss_all = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), "mean"))
+                loss_all = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), "sum"))
                 if step % cfg.log_every == 0 or step == total:
                     log.write(step=step, epoch=epoch, loss=loss_all, lr=sched.get_last_lr()[0],
                               samples_per_s=seen / (time.perf_counter() - t0), elapsed_s=time.perf_counter() - t0)
@@ -167,6 +167,20 @@ class Trainer:
             (self.out / DONE_NAME).write_text(json.dumps(summary, indent=2))
         acc.wait_for_everyone()
         return summary
+
+    def _weights(self, acc, batches) -> list[float]:
+        """Per micro-batch loss weights so one step's loss is the mean over all its loss terms.
+
+        An objective with `loss_terms(batch)` (valid cells, answer tokens, gate items) gets exactly
+        the mean over every term of the effective batch, across accumulation and processes (DDP
+        averages gradients, hence the factor of processes); otherwise micro-batches weigh the same.
+        """
+        terms = getattr(self.module, "loss_terms", None)
+        if terms is None:
+            return [1.0 / len(batches)] * len(batches)
+        counts = [float(terms(b)) for b in batches]
+        total = float(acc.reduce(torch.tensor(sum(counts), device=acc.device), "sum"))
+        return [c * acc.num_processes / total if total else 0.0 for c in counts]
 
     def _checkpoint(self, acc, ckpt_dir: Path, step: int) -> None:
         """Save to a temporary folder, then rename: a kill during saving leaves the previous checkpoint intact."""

@@ -491,3 +491,29 @@ def test_labels_and_training_per_family(tmp_path, family, monkeypatch):
     _assert_states_equal(_state(zoom.twig), _state(cap.twigs[0]))
     init = _state(TwigRPN.from_backbone(fresh, cfg.K, cfg.T))
     assert any(not torch.equal(init[k], v) for k, v in _state(zoom.twig).items())
+
+
+def test_accumulation_gives_the_mean_over_every_valid_cell(tmp_path):
+    """2 micro-batches of 2 == 1 batch of 4 (SPEC §4.2: mean over every valid cell of the effective batch),
+    with samples of very different valid-cell counts (some all-ignore) in the batch."""
+    root = _tiny(tmp_path, samples=8)
+    cfg = _cfg(root)
+    records = read_records(cfg.labels_stage1.records)
+    grid = cfg.labels_stage1.grid
+    maps = _peaked_maps(records, grid)
+    folder = root / "mixed_labels"
+    writer = LabelWriter(folder, {"grid": grid, "source": "hand-made"}, 4)
+    for i, rec in enumerate(records):
+        A = maps[rec.id] if i % 3 else torch.full((grid, grid), 1.0 / grid**2)  # uniform: invalid, no valid cell
+        writer.add(rec.id, A, torch.zeros(grid, grid), {"mode": rec.mode})
+    writer.flush()
+    outs = {}
+    for batch, eff in ((4, 4), (2, 4)):
+        out = tmp_path / f"b{batch}"
+        train_stage1(_cfg(root, *_train_overrides(folder, out, 3, batch=batch),
+                          f"stage1.train.effective_batch={eff}"))
+        outs[batch] = (load_file(str(out / "adapter_model.safetensors")), [r["loss"] for r in _log(out)])
+    (one, loss_one), (two, loss_two) = outs[4], outs[2]
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], atol=5e-5, rtol=1e-4)  # Adam amplifies float32 noise
+    assert loss_two == pytest.approx(loss_one, rel=1e-5)
