@@ -517,3 +517,16 @@ def test_accumulation_gives_the_mean_over_every_valid_cell(tmp_path):
     for k in one:
         torch.testing.assert_close(two[k], one[k], atol=5e-5, rtol=1e-4)  # Adam amplifies float32 noise
     assert loss_two == pytest.approx(loss_one, rel=1e-5)
+
+
+def test_teacher_bans_image_placeholders(tmp_path):
+    """Responses never contain image placeholders, even when the model prefers them."""
+    root = _tiny(tmp_path, samples=4)
+    cfg = _cfg(root)
+    model, processor, spec = load_backbone(cfg.model)
+    with torch.no_grad():  # make the image token the model's favourite next token everywhere
+        model.lm_head.weight[spec.image_token_id] += 100.0
+    teacher = stage1.Teacher(model, processor, spec, cfg.labels_stage1.grid, 5)
+    recs = read_records(cfg.labels_stage1.records)[:2]
+    out = teacher.run([load_image(r) for r in recs], [r.question for r in recs], [4])
+    assert out.row_mask.any()  # responses were generated (and re-read by the probe without error)
