@@ -1,1 +1,1 @@
-"""Accuracy and speed benchmarks (not in this release)."""
+"""Accuracy and speed benchmarks: ZoomWorld (task, scorer) and measured results."""

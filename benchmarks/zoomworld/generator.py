@@ -1,0 +1,147 @@
+"""ZoomWorld: seeded high-resolution scenes with small coded plates, and questions with known answers and boxes.
+
+A scene is a cluttered 1-2 MP image of a random aspect ratio holding 2-5 plates of distinct colours.
+Each plate carries a 3-character code (capitals and digits) in a small font: readable at full
+resolution or in a crop, not at a low visual-token budget. Questions:
+* detail: "What is written on the red plate?" -> the code; box = that plate (needs the zoom);
+* global: "How many plates are there?" -> the count (box None), or "What colour is the largest
+  plate?" -> its colour; box = that plate (both answerable at low resolution).
+Everything is a function of the seed (deterministic, tested).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from PIL import Image, ImageDraw, ImageFont
+
+COLOURS = {"red": (210, 35, 35), "blue": (35, 70, 215), "green": (30, 150, 60), "yellow": (225, 195, 20),
+           "purple": (130, 50, 170), "orange": (235, 120, 20)}
+CODE_CHARS = "ABCDEFGHJKLMNPRSTUVWXYZ23456789"  # no 0/O, 1/I, Q: codes must be readable, not guessable
+ASPECTS = ((4, 3), (3, 4), (16, 9), (9, 16), (1, 1), (3, 2), (2, 3))
+COUNT_WORDS = {2: "two", 3: "three", 4: "four", 5: "five"}
+
+VAL_SEED, TEST_SEED, TRAIN_SEED = 10_000_000, 20_000_000, 1_000  # disjoint seed ranges per split
+
+
+@dataclass(frozen=True)
+class Plate:
+    colour: str
+    code: str
+    box: tuple[int, int, int, int]  # x1, y1, x2, y2 in pixels (exclusive ends)
+
+    @property
+    def area(self) -> int:
+        return (self.box[2] - self.box[0]) * (self.box[3] - self.box[1])
+
+
+@dataclass
+class Sample:
+    id: str
+    seed: int
+    image: Image.Image = field(repr=False)
+    question: str
+    answer: str
+    family: str  # "detail" | "global"
+    kind: str  # "code" | "count" | "largest_colour"
+    box: tuple[int, int, int, int] | None
+    plates: list[Plate]
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)  # Pillow's embedded font: the same glyphs on every machine
+
+
+def _clutter(draw: ImageDraw.ImageDraw, rng: random.Random, W: int, H: int) -> None:
+    """Muted shapes and strokes (never a plate colour, never text) so the plates must be found."""
+    for _ in range(rng.randint(40, 90)):
+        grey = rng.randint(70, 190)
+        tint = tuple(max(0, min(255, grey + rng.randint(-25, 25))) for _ in range(3))
+        x, y = rng.randrange(W), rng.randrange(H)
+        s = rng.randint(10, max(12, min(W, H) // 6))
+        shape = rng.random()
+        if shape < 0.4:
+            draw.ellipse([x, y, x + s, y + rng.randint(5, s)], fill=tint)
+        elif shape < 0.75:
+            draw.line([x, y, x + rng.randint(-s, s), y + rng.randint(-s, s)], fill=tint, width=rng.randint(1, 5))
+        else:
+            draw.rectangle([x, y, x + s, y + rng.randint(5, s)], outline=tint, width=rng.randint(1, 3))
+
+
+def _place(rng: random.Random, W: int, H: int, w: int, h: int, taken: list) -> tuple[int, int, int, int] | None:
+    for _ in range(200):
+        x, y = rng.randint(8, W - w - 8), rng.randint(8, H - h - 8)
+        box = (x, y, x + w, y + h)
+        if all(box[2] + 12 < t[0] or t[2] + 12 < box[0] or box[3] + 12 < t[1] or t[3] + 12 < box[1] for t in taken):
+            return box
+    return None
+
+
+def make_scene(seed: int) -> tuple[Image.Image, list[Plate]]:
+    """A cluttered scene and its plates; the largest plate is clearly the largest (>= 1.4x the area of the next)."""
+    rng = random.Random(seed)
+    aw, ah = rng.choice(ASPECTS)
+    mp = rng.uniform(1.0, 2.0) * 1e6
+    W = int((mp * aw / ah) ** 0.5)
+    H = int(W * ah / aw)
+    base = tuple(rng.randint(110, 170) for _ in range(3))
+    image = Image.new("RGB", (W, H), base)
+    draw = ImageDraw.Draw(image)
+    _clutter(draw, rng, W, H)
+    n = rng.randint(2, 5)
+    colours = rng.sample(sorted(COLOURS), n)
+    font_sizes = [rng.randint(16, 24) for _ in range(n)]
+    font_sizes[rng.randrange(n)] = 34  # one plate is clearly the largest
+    plates, taken = [], []
+    # the largest first, so that a crowded scene never drops it (placement can fail for small plates only)
+    for colour, size in sorted(zip(colours, font_sizes), key=lambda cs: -cs[1]):
+        code = "".join(rng.choice(CODE_CHARS) for _ in range(3))
+        font = _font(size)
+        l, t, r, b = draw.textbbox((0, 0), code, font=font)
+        pad_x, pad_y = size // 2, size // 3
+        w, h = (r - l) + 2 * pad_x, (b - t) + 2 * pad_y
+        box = _place(rng, W, H, w, h, taken)
+        if box is None:
+            continue
+        taken.append(box)
+        draw.rectangle(box, fill=COLOURS[colour], outline=(20, 20, 20), width=2)
+        draw.text((box[0] + pad_x - l, box[1] + pad_y - t), code, font=font, fill=(255, 255, 255))
+        plates.append(Plate(colour, code, (box[0], box[1], box[2] + 1, box[3] + 1)))
+    return image, plates
+
+
+def make_sample(seed: int, family: str | None = None) -> Sample:
+    """One question about one scene; `family` None draws detail or global with equal odds."""
+    image, plates = make_scene(seed)
+    rng = random.Random(seed * 7919 + 1)
+    family = family or rng.choice(["detail", "global"])
+    if family == "detail":
+        p = rng.choice(plates)
+        q, a, kind, box = f"What is written on the {p.colour} plate?", p.code, "code", p.box
+    elif family == "global":
+        largest = max(plates, key=lambda p: p.area)
+        if rng.random() < 0.5:
+            q, a, kind, box = "How many plates are there?", str(len(plates)), "count", None
+        else:
+            q, a, kind, box = "What colour is the largest plate?", largest.colour, "largest_colour", largest.box
+    else:
+        raise ValueError(f"family must be 'detail' or 'global', got {family!r}")
+    return Sample(f"zw-{seed}", seed, image, q, a, family, kind, box, plates)
+
+
+def split(name: str, n: int) -> list[Sample]:
+    """The fixed validation/test sets: samples at seeds VAL_SEED + i / TEST_SEED + i."""
+    start = {"val": VAL_SEED, "test": TEST_SEED}.get(name)
+    if start is None:
+        raise ValueError(f"split must be 'val' or 'test', got {name!r} (training uses train_stream)")
+    return [make_sample(start + i) for i in range(n)]
+
+
+def train_stream(start: int = 0):
+    """An endless on-the-fly training stream (seeds disjoint from val/test)."""
+    i = start
+    while True:
+        if TRAIN_SEED + i >= VAL_SEED:
+            raise RuntimeError("the training stream ran into the validation seeds")
+        yield make_sample(TRAIN_SEED + i)
+        i += 1

@@ -1,0 +1,69 @@
+"""ZoomWorld: deterministic per seed, boxes inside images, well-posed questions, a scorer that can fail."""
+import numpy as np
+import pytest
+
+from benchmarks.zoomworld import box_hit, exact_match, make_sample, score, split
+from benchmarks.zoomworld.generator import VAL_SEED, make_scene, train_stream
+
+
+def test_deterministic_per_seed():
+    a, b = make_sample(VAL_SEED + 3), make_sample(VAL_SEED + 3)
+    assert (a.question, a.answer, a.box, a.plates) == (b.question, b.answer, b.box, b.plates)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    c = make_sample(VAL_SEED + 4)
+    assert not np.array_equal(np.asarray(a.image.resize((64, 64))), np.asarray(c.image.resize((64, 64))))
+
+
+def test_scenes_are_well_posed():
+    samples = split("val", 40)
+    kinds = {s.kind for s in samples}
+    assert kinds == {"code", "count", "largest_colour"}
+    for s in samples:
+        W, H = s.image.size
+        assert 0.9e6 <= W * H <= 2.1e6
+        assert 2 <= len(s.plates) <= 5 and len({p.colour for p in s.plates}) == len(s.plates)
+        for p in s.plates:
+            x1, y1, x2, y2 = p.box
+            assert 0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H  # every recorded box is inside its image
+            assert len(p.code) == 3 and p.code.isalnum() and p.code.upper() == p.code
+        areas = sorted((p.area for p in s.plates), reverse=True)
+        assert areas[0] >= 1.4 * areas[1]  # "the largest plate" is unambiguous
+        if s.kind == "code":
+            assert [p.code for p in s.plates if p.box == s.box] == [s.answer]
+        if s.kind == "count":
+            assert s.answer == str(len(s.plates)) and s.box is None
+    for s in samples:  # plates do not overlap
+        for i, p in enumerate(s.plates):
+            for q in s.plates[i + 1:]:
+                assert p.box[2] <= q.box[0] or q.box[2] <= p.box[0] or p.box[3] <= q.box[1] or q.box[3] <= p.box[1]
+
+
+def test_splits_and_stream_are_disjoint():
+    val = {s.seed for s in split("val", 5)}
+    test = {s.seed for s in split("test", 5)}
+    stream = train_stream()
+    train = {next(stream).seed for _ in range(5)}
+    assert not (val & test or val & train or test & train)
+    with pytest.raises(ValueError, match="split"):
+        split("train", 3)
+
+
+def test_scorer():
+    assert exact_match(" jk5.", "JK5") and not exact_match("JKS", "JK5") and not exact_match("", "")
+    assert box_hit((0, 0, 10, 10), (0, 0, 10, 10)) and box_hit((0, 0, 5, 10), (0, 0, 10, 10))
+    assert not box_hit((0, 0, 4, 10), (0, 0, 10, 10)) and not box_hit(None, (0, 0, 1, 1))
+    samples = split("val", 6)
+    preds = [{"answer": s.answer if i % 2 == 0 else "nope", "box": s.box} for i, s in enumerate(samples)]
+    out = score(samples, preds)
+    assert out["accuracy"]["all"] == pytest.approx(3 / 6)
+    detail = [s for s in samples if s.family == "detail"]
+    assert out["boxes_scored"] == len(detail) and (out["box_hit_rate"] == 1.0 if detail else True)
+    with pytest.raises(ValueError):
+        score(samples, preds[:-1])
+
+
+def test_scene_is_a_function_of_the_seed_only():
+    img1, plates1 = make_scene(42)
+    make_scene(7)  # unrelated calls in between change nothing
+    img2, plates2 = make_scene(42)
+    assert plates1 == plates2 and np.array_equal(np.asarray(img1), np.asarray(img2))
