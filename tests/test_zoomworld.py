@@ -67,3 +67,28 @@ def test_scene_is_a_function_of_the_seed_only():
     make_scene(7)  # unrelated calls in between change nothing
     img2, plates2 = make_scene(42)
     assert plates1 == plates2 and np.array_equal(np.asarray(img1), np.asarray(img2))
+
+
+def test_default_model_trains_and_saves_a_small_hf_folder(tmp_path):
+    """Two steps of the from-scratch training script: finite loss, answer-only labels, an HF folder <= 16 MB."""
+    import torch
+
+    from benchmarks.zoomworld.model import new_model
+    from benchmarks.zoomworld.train import AnswerCollate, StreamDataset, train
+    from qzoom_adapters.spec import get_spec
+    from recipes.models import load_backbone
+
+    model, processor = new_model()
+    assert sum(p.numel() for p in model.parameters()) <= 8e6
+    ds = StreamDataset(4)
+    batch = AnswerCollate(processor, get_spec(model))([ds[0], ds[1]])
+    tok = processor.tokenizer
+    for b, i in enumerate((0, 1)):
+        kept = batch["labels"][b][batch["labels"][b] != -100].tolist()
+        assert kept == tok(ds[i]["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    result = train(tmp_path / "run", steps=2, batch_size=2)
+    assert result["finished"] and torch.isfinite(torch.tensor(result["final_loss"]))
+    folder = tmp_path / "run" / "model"
+    assert sum(f.stat().st_size for f in folder.iterdir()) <= 16e6
+    loaded, proc, spec = load_backbone(str(folder))
+    assert spec.family == "qwen2_5_vl" and proc.tokenizer.eos_token_id == tok.eos_token_id
