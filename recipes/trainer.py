@@ -41,7 +41,8 @@ class Trainer:
     """Train `module` on `dataset`; `save_outputs(module, out_dir)` writes the final artefacts."""
 
     def __init__(self, module: nn.Module, dataset, collate, cfg: TrainSection, out_dir, save_outputs,
-                 on_epoch=None, stop_after: int | None = None, find_unused_parameters: bool = False):
+                 on_epoch=None, stop_after: int | None = None, find_unused_parameters: bool = False,
+                 max_seconds: float | None = None):
         self.module, self.dataset, self.collate, self.cfg = module, dataset, collate, cfg
         self.out = Path(out_dir)
         self.save_outputs = save_outputs
@@ -49,6 +50,7 @@ class Trainer:
         self.stop_after = stop_after  # stop (as if killed) after this optimizer step's checkpoint
         # DDP must be told when some trainable parameters get no gradient (the twig's last layer: only q/k)
         self.find_unused_parameters = find_unused_parameters
+        self.max_seconds = max_seconds  # a time budget: finish (and save) at the first step past it
 
     # --- setup ----------------------------------------------------------------------------
     def _accelerator(self):
@@ -97,6 +99,7 @@ class Trainer:
         acc = self._accelerator()
         torch.manual_seed(cfg.seed)
         accum, micro_per_epoch, steps_per_epoch, total = self._plan(acc.num_processes)
+        planned = total
         params = [p for p in self.module.parameters() if p.requires_grad]
         if not params:
             raise QZoomError("the stage's module has no trainable parameter")
@@ -156,11 +159,14 @@ class Trainer:
                     bar.close()
                     acc.print(f"stopping after step {step} as asked; run again to resume")
                     return {"step": step, "finished": False}
+                if self.max_seconds is not None and time.perf_counter() - t0 > self.max_seconds and step < total:
+                    acc.print(f"time budget of {self.max_seconds:.0f}s reached at step {step} of {total}: finishing")
+                    total = step
                 if step >= total:
                     break
         bar.close()
         acc.wait_for_everyone()
-        summary = {"step": step, "finished": True, "samples_per_s": seen / max(time.perf_counter() - t0, 1e-9),
+        summary = {"step": step, "finished": True, "planned_steps": planned, "samples_per_s": seen / max(time.perf_counter() - t0, 1e-9),
                    "final_loss": log.last_loss, "processes": acc.num_processes}
         if acc.is_main_process:
             self.save_outputs(acc.unwrap_model(module), self.out)

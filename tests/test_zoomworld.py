@@ -86,8 +86,9 @@ def test_default_model_trains_and_saves_a_small_hf_folder(tmp_path):
     for b, i in enumerate((0, 1)):
         kept = batch["labels"][b][batch["labels"][b] != -100].tolist()
         assert kept == tok(ds[i]["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    result = train(tmp_path / "run", steps=2, batch_size=2)
-    assert result["finished"] and torch.isfinite(torch.tensor(result["final_loss"]))
+    result = train(tmp_path / "run", steps=5, batch_size=2, max_seconds=0.0)  # a time budget ends it after step 1
+    assert result["finished"] and (result["step"], result["planned_steps"]) == (1, 5)
+    assert torch.isfinite(torch.tensor(result["final_loss"]))
     folder = tmp_path / "run" / "model"
     assert sum(f.stat().st_size for f in folder.iterdir()) <= 16e6
     loaded, proc, spec = load_backbone(str(folder))

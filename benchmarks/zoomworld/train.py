@@ -78,7 +78,7 @@ class AnswerObjective(nn.Module):
 
 
 def train(out, steps: int, batch_size: int = 32, lr: float = 1e-3, num_workers: int = 0, seed: int = 0,
-          stop_after: int | None = None) -> dict:
+          stop_after: int | None = None, max_seconds: float | None = None) -> dict:
     from qzoom_adapters.spec import get_spec
     from recipes.config import TrainSection
     from recipes.trainer import Trainer
@@ -96,7 +96,8 @@ def train(out, steps: int, batch_size: int = 32, lr: float = 1e-3, num_workers: 
         processor.save_pretrained(str(Path(out_dir) / "model"))
 
     objective = AnswerObjective(model.to("cuda" if torch.cuda.is_available() else "cpu"))
-    return Trainer(objective, dataset, AnswerCollate(processor, spec), cfg, out, save, stop_after=stop_after).train()
+    return Trainer(objective, dataset, AnswerCollate(processor, spec), cfg, out, save, stop_after=stop_after,
+                   max_seconds=max_seconds).train()
 
 
 def main(argv=None) -> int:
@@ -107,8 +108,11 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--num-workers", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-seconds", type=float, help="finish (and save) at the first step past this time budget")
     args = p.parse_args(argv)
-    print(json.dumps(train(args.out, args.steps, args.batch_size, args.lr, args.num_workers, args.seed), indent=1))
+    result = train(args.out, args.steps, args.batch_size, args.lr, args.num_workers, args.seed,
+                   max_seconds=args.max_seconds)
+    print(json.dumps(result, indent=1))
     return 0
 
 
