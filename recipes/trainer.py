@@ -148,6 +148,9 @@ class Trainer:
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 bar.update(1)
+                if self.max_seconds is not None and time.perf_counter() - t0 > self.max_seconds and step < total:
+                    acc.print(f"time budget of {self.max_seconds:.0f}s reached at step {step} of {total}: finishing")
+                    total = step
                 loss_all = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), "sum"))
                 if step % cfg.log_every == 0 or step == total:
                     log.write(step=step, epoch=epoch, loss=loss_all, lr=sched.get_last_lr()[0],
@@ -159,9 +162,6 @@ class Trainer:
                     bar.close()
                     acc.print(f"stopping after step {step} as asked; run again to resume")
                     return {"step": step, "finished": False}
-                if self.max_seconds is not None and time.perf_counter() - t0 > self.max_seconds and step < total:
-                    acc.print(f"time budget of {self.max_seconds:.0f}s reached at step {step} of {total}: finishing")
-                    total = step
                 if step >= total:
                     break
         bar.close()
