@@ -148,7 +148,7 @@ class Trainer:
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 bar.update(1)
-                if self.max_seconds is not None and time.perf_counter() - t0 > self.max_seconds and step < total:
+                if self.max_seconds is not None and step < total and self._over_time(acc, t0):
                     acc.print(f"time budget of {self.max_seconds:.0f}s reached at step {step} of {total}: finishing")
                     total = step
                 loss_all = float(acc.reduce(torch.tensor(loss_sum, device=acc.device), "sum"))
@@ -173,6 +173,11 @@ class Trainer:
             (self.out / DONE_NAME).write_text(json.dumps(summary, indent=2))
         acc.wait_for_everyone()
         return summary
+
+    def _over_time(self, acc, t0: float) -> bool:
+        """Past the time budget on any process (all processes must stop at the same step)."""
+        over = torch.tensor(float(time.perf_counter() - t0 > self.max_seconds), device=acc.device)
+        return bool(acc.reduce(over, "sum") > 0)
 
     def _weights(self, acc, batches) -> list[float]:
         """Per micro-batch loss weights so one step's loss is the mean over all its loss terms.
