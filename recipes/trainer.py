@@ -166,8 +166,9 @@ class Trainer:
                     break
         bar.close()
         acc.wait_for_everyone()
-        summary = {"step": step, "finished": True, "planned_steps": planned, "samples_per_s": seen / max(time.perf_counter() - t0, 1e-9),
-                   "final_loss": log.last_loss, "processes": acc.num_processes}
+        summary = {"step": step, "finished": True, "planned_steps": planned,
+                   "samples_per_s": seen / max(time.perf_counter() - t0, 1e-9), "final_loss": log.last_loss,
+                   "processes": acc.num_processes}
         if acc.is_main_process:
             self.save_outputs(acc.unwrap_model(module), self.out)
             (self.out / DONE_NAME).write_text(json.dumps(summary, indent=2))
