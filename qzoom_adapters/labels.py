@@ -21,8 +21,8 @@ class TriState:
     peak: float  # m = max g
 
 
-def padding_cells(image_size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
-    """(h, w) bool: cells of the square-padded image whose centre lies in the grey padding.
+def cells_inside(rect, image_size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
+    """(h, w) bool: cells of the square-padded view whose centre lies inside `rect` (x1, y1, x2, y2, source px).
 
     The source image (W, H) is pasted at the centre of a square of side max(W, H) (LLaVA's expand2square,
     offset (side-W)//2, (side-H)//2) and that square is resized onto the (h, w) grid.
@@ -30,15 +30,22 @@ def padding_cells(image_size: tuple[int, int], grid: tuple[int, int]) -> torch.T
     W, H = (int(v) for v in image_size)
     h, w = (int(v) for v in grid)
     if min(W, H, h, w) < 1:
-        raise QZoomError(f"padding_cells needs positive sizes, got image_size={image_size}, grid={grid}")
+        raise QZoomError(f"need positive sizes, got image_size={image_size}, grid={grid}")
     side = max(W, H)
     ox, oy = (side - W) // 2, (side - H) // 2
+    x1, y1, x2, y2 = (int(v) for v in rect)
     # Centre of cell j in square pixels is (2j+1)*side/(2w); compare in integers so edges are exact.
     cx2 = (2 * torch.arange(w) + 1) * side  # = 2w * centre
     cy2 = (2 * torch.arange(h) + 1) * side
-    in_x = (cx2 >= 2 * w * ox) & (cx2 < 2 * w * (ox + W))
-    in_y = (cy2 >= 2 * h * oy) & (cy2 < 2 * h * (oy + H))
-    return ~(in_y[:, None] & in_x[None, :])
+    in_x = (cx2 >= 2 * w * (ox + x1)) & (cx2 < 2 * w * (ox + x2))
+    in_y = (cy2 >= 2 * h * (oy + y1)) & (cy2 < 2 * h * (oy + y2))
+    return in_y[:, None] & in_x[None, :]
+
+
+def padding_cells(image_size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
+    """(h, w) bool: cells of the square-padded view whose centre lies in the grey padding."""
+    W, H = (int(v) for v in image_size)
+    return ~cells_inside((0, 0, W, H), image_size, grid)
 
 
 def tristate_labels(grounding, sink=None, padding=None, *, sink_threshold=0.01, fg_ratio=0.25, bg_ratio=0.05,

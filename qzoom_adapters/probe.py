@@ -65,11 +65,9 @@ def probe_attention(trunk: Trunk, input_ids, attention_mask, pixel_values, grids
     bad = [i for i in layer_ids if not 0 <= i < len(spec.layers)]
     if bad:
         raise QZoomError(f"probe layers {bad} do not exist: the model has {len(spec.layers)} decoder layers (0-indexed)")
-    feats = spec.encode_images(pixel_values, grids)
-    embeds = trunk.embed(input_ids, feats.embeds)
-    pos = spec.position_ids(input_ids, attention_mask, grids)
+    embeds, pos, _, extra = trunk.encode(input_ids, attention_mask, pixel_values, grids)
     forward = dict(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=trunk.model_positions(pos),
-                   use_cache=False, **spec.decoder_inputs(input_ids == spec.image_token_id, feats))
+                   use_cache=False, **extra)
     captured = layer_inputs(trunk, sorted(set(layer_ids)), forward)
     return {i: attention_rows(spec, spec.layers[i], h, kw, rows, attention_mask) for i, (h, kw) in captured.items()}
 

@@ -77,12 +77,20 @@ class Trunk:
         if not bool(mask[:, -1].all()):
             raise QZoomError("inputs are right-padded; tokenize with padding_side='left'")
         grid = spec.image_grids(inputs)
-        feats = spec.encode_images(inputs["pixel_values"], grid)
-        embeds = self.embed(ids, feats.embeds)
-        pos = spec.position_ids(ids, mask, grid)
-        extra = spec.decoder_inputs(ids == spec.image_token_id, feats)
+        embeds, pos, feats, extra = self.encode(ids, mask, inputs["pixel_values"], grid)
         hK, kwargs = self.forward_to(stop, embeds, mask, pos, cache, extra)
         return Prefill(ids, mask, pos, embeds, hK, kwargs, cache, grid, feats)
+
+    def encode(self, ids, mask, pixel_values, grids, pos=None):
+        """(input embeddings, positions (axes, B, S), visual features, extra text-model kwargs) of a sequence.
+
+        `pos` None: the backbone's own positions for `ids` (any mix of left and right padding).
+        """
+        spec = self.spec
+        feats = spec.encode_images(pixel_values, grids)
+        embeds = self.embed(ids, feats.embeds)
+        pos = spec.position_ids(ids, mask, grids) if pos is None else pos
+        return embeds, pos, feats, spec.decoder_inputs(ids == spec.image_token_id, feats)
 
     def forward_to(self, stop: int, embeds, attention_mask, position_ids, cache, extra: dict | None = None):
         """Run layers `0..stop-1` (filling `cache`); return (input of layer `stop`, its kwargs).

@@ -17,9 +17,9 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-import torch
 
 from qzoom_adapters.errors import QZoomError
+from qzoom_adapters.labels import cells_inside
 
 from .config import RecipeConfig
 from .data import chunks, load_image, read_records
@@ -27,18 +27,6 @@ from .models import load_backbone
 from .progress import progress
 from .stage1 import stage1_prompt
 from .teacher import Teacher
-
-
-def box_cells(box, image_size, grid: int) -> torch.Tensor:
-    """(grid, grid) bool: cells of the square-padded view whose centre lies inside `box` (source pixels)."""
-    W, H = image_size
-    side = max(W, H)
-    ox, oy = (side - W) // 2, (side - H) // 2  # where `pad_square` pastes the image
-    x1, y1, x2, y2 = box
-    centres = (torch.arange(grid) + 0.5) * side / grid
-    in_x = (centres >= ox + x1) & (centres < ox + x2)
-    in_y = (centres >= oy + y1) & (centres < oy + y2)
-    return in_y[:, None] & in_x[None, :]
 
 
 def rank_heads(cfg: RecipeConfig, layers: list[int] | None = None, limit: int | None = None,
@@ -59,17 +47,19 @@ def rank_heads(cfg: RecipeConfig, layers: list[int] | None = None, limit: int | 
             rows = out.row_mask[b].to(out.image_mask.device)
             if not bool(rows.any()):
                 continue  # a one-token response has no decode step to read
-            inside = box_cells(rec.box, images[b].size, sec.grid).flatten().to(out.image_mask.device)
+            inside = cells_inside(rec.box, images[b].size, (sec.grid, sec.grid)).flatten().to(out.image_mask.device)
             frac = float(inside.float().mean())
             if frac == 0.0 or frac == 1.0:
                 continue
             for layer in layers:
                 a = out.attn[layer][b][:, rows][..., out.image_mask[b]].mean(dim=1)  # (H, cells)
                 share = a / a.sum(dim=1, keepdim=True).clamp(min=1e-12)
-                for h in range(share.shape[0]):
+                lifts = (share[:, inside].sum(dim=1) / frac).tolist()
+                sinks = share[:, ~inside].max(dim=1).values.tolist()
+                for h, (li, si) in enumerate(zip(lifts, sinks)):
                     key = (rec.mode, layer, h)
-                    lift[key] += float(share[h][inside].sum()) / frac
-                    sink[key] += float(share[h][~inside].max())
+                    lift[key] += li
+                    sink[key] += si
                     count[key] += 1
         bar.update(len(batch))
     bar.close()

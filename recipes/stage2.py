@@ -1,6 +1,7 @@
 """Stage 2 (SPEC §4.3): mine the regressions zooming causes, then post-SFT on global + RoI sequences."""
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -16,7 +17,7 @@ from qzoom_adapters.roi import Crop, box_to_pixels
 from qzoom_adapters.spec import VisualFeatures
 from qzoom_adapters.trunk import Trunk
 
-from .config import ModelSection, RecipeConfig
+from .config import RecipeConfig
 from .data import JsonlAppender, SampleRecord, chunks, load_image, read_jsonl, read_records, read_rows, write_jsonl
 from .gate_labels import item_rng
 from .judge import JudgeItem, make_judge
@@ -105,9 +106,9 @@ def random_crop(image, noise, grid_hw, min_side: int) -> Crop:
     # the 28-px rule of a predicted box (SPEC §2.7): grow a short side, shift it back inside, never shrink
     px = box_to_pixels((x * W, y * H, (x + fw) * W, (y + fh) * H), (H, W), (W, H), min_side)
     h_t, w_t = grid_hw
-    tok = (int(px[0] * w_t / W), int(px[1] * h_t / H), max(int(px[0] * w_t / W) + 1, -(-px[2] * w_t // W)),
-           max(int(px[1] * h_t / H) + 1, -(-px[3] * h_t // H)))
-    return Crop(tok, tuple(px), image.crop(px))
+    x1, y1 = math.floor(px[0] * w_t / W), math.floor(px[1] * h_t / H)  # token cells covering the pixel box
+    x2, y2 = max(x1 + 1, math.ceil(px[2] * w_t / W)), max(y1 + 1, math.ceil(px[3] * h_t / H))
+    return Crop((x1, y1, x2, y2), tuple(px), image.crop(px))
 
 
 class Stage2Collate:
@@ -196,8 +197,11 @@ class PostSFTObjective(nn.Module):
         ids, mask, pos, labels = _left_pad(seqs, dev)
         if self.zoom_cfg.position_mode == "sequential":
             pos = pos.round().long()
-        g_feats = VisualFeatures(torch.cat([_split(a.feats.embeds, g_counts)[j] for j in keep]),
-                                 tuple(torch.cat([_split(d, g_counts)[j] for j in keep]) for d in a.feats.deepstack))
+        def kept(x):  # the rows of the samples that got a crop
+            parts = _split(x, g_counts)
+            return torch.cat([parts[j] for j in keep])
+
+        g_feats = VisualFeatures(kept(a.feats.embeds), tuple(kept(d) for d in a.feats.deepstack))
         feats = interleave(g_feats, [g_counts[j] for j in keep], roi_feats, r_counts)
         embeds = self.trunk.embed(ids, feats.embeds)
         out = spec.text_model(inputs_embeds=embeds, attention_mask=mask, position_ids=self.trunk.model_positions(pos),
@@ -249,7 +253,7 @@ def _apply_lora(model, spec, lora):
 def train_stage2(cfg: RecipeConfig, stop_after: int | None = None) -> dict:
     """`qzoom train stage2`: full-LLM (or LoRA) post-SFT; vision, merger, twig and gate stay frozen."""
     sec = cfg.section("stage2")
-    model, processor, spec = load_backbone(ModelSection(**{**cfg.model.model_dump(), "dtype": sec.dtype}),
+    model, processor, spec = load_backbone(cfg.model.model_copy(update={"dtype": sec.dtype}),
                                            eval_mode=False)
     model.eval()  # no dropout: the reference's decoder has none, and eval keeps runs reproducible
     twig, _, zoom_cfg = load_adapters(sec.adapters, model)

@@ -25,7 +25,7 @@ from .trainer import Trainer
 
 
 def _model_section(cfg: RecipeConfig, path: str | None) -> ModelSection:
-    return cfg.model if path is None else ModelSection(**{**cfg.model.model_dump(), "path": path})
+    return cfg.model if path is None else cfg.model.model_copy(update={"path": path})
 
 
 @torch.no_grad()

@@ -234,3 +234,12 @@ def test_selective_bce_custom_ignore_index_and_shape_mismatch():
     assert torch.allclose(loss, F.softplus(-logits[0]))  # BCE(x, 1) = softplus(-x)
     with pytest.raises(QZoomError, match="does not match"):
         selective_bce(torch.zeros(2, 3), torch.zeros(3, 2))
+
+
+def test_cells_inside_maps_a_source_box_into_the_padded_grid():
+    from qzoom_adapters.labels import cells_inside
+
+    got = cells_inside((0, 0, 200, 200), (400, 200), (4, 4))  # square side 400, image pasted 100 px down
+    want = torch.zeros(4, 4, dtype=torch.bool)
+    want[1:3, 0:2] = True
+    assert torch.equal(got, want)

@@ -131,8 +131,7 @@ class Kit:
 
     def text_forward_inputs(self, model, input_ids, attention_mask, pixel_values, grids, position_ids):
         """Everything the text model needs for a from-scratch forward of `input_ids`."""
-        spec = get_spec(model)
-        feats = spec.encode_images(pixel_values, grids)
-        embeds = Trunk(spec).embed(input_ids, feats.embeds)
-        return dict(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=Trunk.model_positions(position_ids),
-                    **spec.decoder_inputs(input_ids == spec.image_token_id, feats))
+        embeds, pos, _, extra = Trunk(get_spec(model)).encode(input_ids, attention_mask, pixel_values, grids,
+                                                              position_ids)
+        return dict(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=Trunk.model_positions(pos),
+                    **extra)
