@@ -81,7 +81,7 @@ def test_default_model_trains_and_saves_a_small_hf_folder(tmp_path):
     model, processor = new_model()
     assert sum(p.numel() for p in model.parameters()) <= 8e6
     ds = StreamDataset(4)
-    batch = AnswerCollate(processor, get_spec(model))([ds[0], ds[1]])
+    batch = AnswerCollate(processor)([ds[0], ds[1]])
     tok = processor.tokenizer
     for b, i in enumerate((0, 1)):
         kept = batch["labels"][b][batch["labels"][b] != -100].tolist()

@@ -1,8 +1,9 @@
 """ZoomWorld: seeded high-resolution scenes with small coded plates, and questions with known answers and boxes.
 
 A scene is a cluttered 1-2 MP image of a random aspect ratio holding 2-5 plates of distinct colours.
-Each plate carries a 3-character code (capitals and digits) in a small font: readable at full
-resolution or in a crop, not at a low visual-token budget. Questions:
+Each plate carries a 3-character code (capitals and digits) whose capitals are ~20-27 px high
+(~40 px on the largest plate): readable at full resolution, at 1024 visual tokens or in a crop, and
+only a few pixels high at 64 tokens. Questions:
 * detail: "What is written on the red plate?" -> the code; box = that plate (needs the zoom);
 * global: "How many plates are there?" -> the count (box None), or "What colour is the largest
   plate?" -> its colour; box = that plate (both answerable at low resolution).
@@ -90,8 +91,8 @@ def make_scene(seed: int) -> tuple[Image.Image, list[Plate]]:
     _clutter(draw, rng, W, H)
     n = rng.randint(2, 5)
     colours = rng.sample(sorted(COLOURS), n)
-    font_sizes = [rng.randint(16, 24) for _ in range(n)]
-    font_sizes[rng.randrange(n)] = 34  # one plate is clearly the largest
+    font_sizes = [rng.randint(28, 38) for _ in range(n)]
+    font_sizes[rng.randrange(n)] = 56  # one plate is clearly the largest
     plates, taken = [], []
     # the largest first, so that a crowded scene never drops it (placement can fail for small plates only)
     for colour, size in sorted(zip(colours, font_sizes), key=lambda cs: -cs[1]):

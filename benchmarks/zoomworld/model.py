@@ -16,13 +16,18 @@ TEXT = dict(vocab_size=TINY_VOCAB_SIZE, hidden_size=192, intermediate_size=512, 
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192, rope_theta=10000.0,
             rms_norm_eps=1e-6, tie_word_embeddings=True,
             rope_scaling={"type": "mrope", "rope_type": "default", "mrope_section": [8, 8, 8]})
+# Every vision block attends globally: HF's sdpa path runs one attention call per window (a Python loop
+# over ~64 windows per image at 1024 tokens), per image it is one call; at 4096 patches global is cheap.
 VISION = dict(depth=4, hidden_size=192, intermediate_size=512, num_heads=4, out_hidden_size=192, patch_size=14,
-              spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1, 3])
+              spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[0, 1, 2, 3])
 
 
 def zoomworld_config():
     cls = Qwen2_5_VLSpec.model_class()
-    cfg = cls.config_class(text_config=dict(TEXT), vision_config=dict(VISION), **Qwen2_5_VLSpec.TINY_IDS, **TEXT)
+    tok = zoomworld_processor().tokenizer
+    ids = dict(bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    text = dict(TEXT, **ids)
+    cfg = cls.config_class(text_config=text, vision_config=dict(VISION), **{**Qwen2_5_VLSpec.TINY_IDS, **text})
     cfg._attn_implementation = "sdpa"
     return cfg
 
