@@ -111,22 +111,23 @@ def make_scene(seed: int) -> tuple[Image.Image, list[Plate]]:
     return image, plates
 
 
+def scene_questions(plates: list[Plate]) -> list[tuple[str, str, str, str, tuple | None]]:
+    """Every question a scene answers: (question, answer, family, kind, box), one code question per plate."""
+    largest = max(plates, key=lambda p: p.area)
+    qs = [(f"What is written on the {p.colour} plate?", p.code, "detail", "code", p.box) for p in plates]
+    qs.append(("How many plates are there?", str(len(plates)), "global", "count", None))
+    qs.append(("What colour is the largest plate?", largest.colour, "global", "largest_colour", largest.box))
+    return qs
+
+
 def make_sample(seed: int, family: str | None = None) -> Sample:
     """One question about one scene; `family` None draws detail or global with equal odds."""
     image, plates = make_scene(seed)
     rng = random.Random(seed * 7919 + 1)
     family = family or rng.choice(["detail", "global"])
-    if family == "detail":
-        p = rng.choice(plates)
-        q, a, kind, box = f"What is written on the {p.colour} plate?", p.code, "code", p.box
-    elif family == "global":
-        largest = max(plates, key=lambda p: p.area)
-        if rng.random() < 0.5:
-            q, a, kind, box = "How many plates are there?", str(len(plates)), "count", None
-        else:
-            q, a, kind, box = "What colour is the largest plate?", largest.colour, "largest_colour", largest.box
-    else:
+    if family not in ("detail", "global"):
         raise ValueError(f"family must be 'detail' or 'global', got {family!r}")
+    q, a, family, kind, box = rng.choice([x for x in scene_questions(plates) if x[2] == family])
     return Sample(f"zw-{seed}", seed, image, q, a, family, kind, box, plates)
 
 

@@ -19,29 +19,33 @@ import torch
 from torch import nn
 
 from .batches import FastChatInputs, PatchLayout
-from .generator import make_sample
+from .generator import make_scene, scene_questions
 from .model import BUDGETS, FACTOR, new_model
 
 
-CROP_VIEW_P = 0.35  # share of items that show a crop around the asked plate (teaches reading at many scales)
+CROP_VIEW_P = 0.5  # share of items that show a crop around one plate (teaches reading at many scales)
 
 
-def crop_view(sample, rng: random.Random):
-    """A random crop that holds the sample's whole target plate, 1.3-5x its size (same question and answer)."""
-    x1, y1, x2, y2 = sample.box
-    W, H = sample.image.size
+def crop_view(image, box, rng: random.Random):
+    """A random crop holding the whole `box`, 1.3-5x its size: (crop, its (left, top) offset)."""
+    x1, y1, x2, y2 = box
+    W, H = image.size
     side = max(x2 - x1, y2 - y1) * rng.uniform(1.3, 5.0)
     aspect = rng.uniform(0.6, 1.6)
     cw = int(min(W, max(x2 - x1 + 2, side * aspect ** 0.5)))
     ch = int(min(H, max(y2 - y1 + 2, side / aspect ** 0.5)))
     left = rng.randint(max(0, x2 - cw), min(x1, W - cw))
     top = rng.randint(max(0, y2 - ch), min(y1, H - ch))
-    return sample.image.crop((left, top, left + cw, top + ch))
+    return image.crop((left, top, left + cw, top + ch)), (left, top, left + cw, top + ch)
 
 
 class StreamDataset(torch.utils.data.Dataset):
-    """Index i -> the training-stream item at seed `base + i`: a scene (detail or global question) or,
-    with probability CROP_VIEW_P, a crop around the plate a detail question asks about."""
+    """Index i -> the training-stream item at seed `base + i`: an image and every question it answers, in a
+    seeded order (one conversation, so one image encoding teaches several answers).
+
+    The image is the scene (all its questions) or, with probability `crop_p`, a crop around one plate
+    (the code questions of the plates wholly inside it).
+    """
 
     def __init__(self, n: int, base: int = 1_000, crop_p: float = CROP_VIEW_P):
         self.n, self.base, self.crop_p = n, base, crop_p
@@ -52,17 +56,19 @@ class StreamDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         seed = self.base + i
         rng = random.Random(seed * 104729 + 17)
+        image, plates = make_scene(seed)
+        qas = scene_questions(plates)
         if rng.random() < self.crop_p:
-            s = make_sample(seed, "detail")
-            image = crop_view(s, rng)
-        else:
-            s = make_sample(seed)
-            image = s.image
-        return {"image": image, "question": s.question, "answer": s.answer, "seed": s.seed}
+            image, (l, t, r, b) = crop_view(image, rng.choice(plates).box, rng)
+            qas = [qa for qa in qas if qa[3] == "code" and l <= qa[4][0] and t <= qa[4][1] and qa[4][2] <= r
+                   and qa[4][3] <= b]
+        rng.shuffle(qas)
+        return {"image": image, "qas": [(q, a) for q, a, *_ in qas], "seed": seed}
 
 
 class AnswerCollate:
-    """One budget per batch (from its first sample's seed), chat prompt + answer, labels on the answer only.
+    """One budget per batch (from its first item's seed); each item is a conversation of its questions and
+    answers (prompt left-padded, the rest right-padded), with labels on the answers (+ end of turn) only.
 
     Pixels stay uint8 patches (`FastChatInputs`); `AnswerObjective` normalises them on the device.
     """
@@ -70,20 +76,41 @@ class AnswerCollate:
     def __init__(self, processor, budgets=BUDGETS):
         self.processor, self.budgets = processor, budgets
         self.fast = FastChatInputs(processor)
+        tok = processor.tokenizer
+        turn = processor.apply_chat_template(
+            [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"},
+             {"role": "user", "content": "Q"}], add_generation_prompt=True, tokenize=False)
+        self.next_turn = turn[turn.index("A<|im_end|>") + len("A<|im_end|>"):].split("Q")  # between answer and question
+
+    def _ids(self, text: str) -> list[int]:
+        return self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def __call__(self, items):
         budget = self.budgets[items[0]["seed"] % len(self.budgets)]
-        inputs = self.fast([it["image"] for it in items], [it["question"] for it in items], budget * FACTOR**2)
-        tok = self.processor.tokenizer
-        answers = [tok(it["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for it in items]
-        n = max(len(a) for a in answers)
+        inputs = self.fast([it["image"] for it in items], [it["qas"][0][0] for it in items], budget * FACTOR**2)
+        eos, pad = self.processor.tokenizer.eos_token_id, self.processor.tokenizer.pad_token_id
+        tails = []
+        for it in items:
+            ids, lab = [], []
+            for k, (q, a) in enumerate(it["qas"]):
+                if k:  # the next user turn (no loss), then its answer
+                    turn = self._ids(self.next_turn[0]) + self._ids(q) + self._ids(self.next_turn[1])
+                    ids += turn
+                    lab += [-100] * len(turn)
+                ans = self._ids(a) + [eos]
+                ids += ans
+                lab += ans
+            tails.append((ids, lab))
+        n = max(len(t[0]) for t in tails)
         B = len(items)
-        ids = torch.full((B, n), tok.pad_token_id)
+        ids = torch.full((B, n), pad)
+        labels = torch.full((B, n), -100)
         mask = torch.zeros(B, n, dtype=torch.long)
-        for b, a in enumerate(answers):  # left-padded prompts, so answers go right-padded after them
-            ids[b, : len(a)] = torch.tensor(a)
-            mask[b, : len(a)] = 1
-        labels = torch.cat([torch.full_like(inputs["input_ids"], -100), ids.masked_fill(mask == 0, -100)], dim=1)
+        for b, (t, lab) in enumerate(tails):
+            ids[b, : len(t)] = torch.tensor(t)
+            labels[b, : len(t)] = torch.tensor(lab)
+            mask[b, : len(t)] = 1
+        labels = torch.cat([torch.full_like(inputs["input_ids"], -100), labels], dim=1)
         inputs["input_ids"] = torch.cat([inputs["input_ids"], ids], dim=1)
         inputs["attention_mask"] = torch.cat([inputs["attention_mask"], mask], dim=1)
         if "mm_token_type_ids" in inputs:
