@@ -30,6 +30,7 @@ class Plate:
     colour: str
     code: str
     box: tuple[int, int, int, int]  # x1, y1, x2, y2 in pixels (exclusive ends)
+    glyphs: tuple = ()  # (char, (x1, y1, x2, y2)) per character of the code, as drawn
 
     @property
     def area(self) -> int:
@@ -106,8 +107,11 @@ def make_scene(seed: int) -> tuple[Image.Image, list[Plate]]:
             continue
         taken.append(box)
         draw.rectangle(box, fill=COLOURS[colour], outline=(20, 20, 20), width=2)
-        draw.text((box[0] + pad_x - l, box[1] + pad_y - t), code, font=font, fill=(255, 255, 255))
-        plates.append(Plate(colour, code, (box[0], box[1], box[2] + 1, box[3] + 1)))
+        origin = (box[0] + pad_x - l, box[1] + pad_y - t)
+        draw.text(origin, code, font=font, fill=(255, 255, 255))
+        glyphs = tuple((ch, draw.textbbox((origin[0] + font.getlength(code[:k]), origin[1]), ch, font=font))
+                       for k, ch in enumerate(code))
+        plates.append(Plate(colour, code, (box[0], box[1], box[2] + 1, box[3] + 1), glyphs))
     return image, plates
 
 

@@ -58,12 +58,16 @@ class StreamDataset(torch.utils.data.Dataset):
         rng = random.Random(seed * 104729 + 17)
         image, plates = make_scene(seed)
         qas = scene_questions(plates)
+        l, t = 0, 0
         if rng.random() < self.crop_p:
             image, (l, t, r, b) = crop_view(image, rng.choice(plates).box, rng)
             qas = [qa for qa in qas if qa[3] == "code" and l <= qa[4][0] and t <= qa[4][1] and qa[4][2] <= r
                    and qa[4][3] <= b]
         rng.shuffle(qas)
-        return {"image": image, "qas": [(q, a) for q, a, *_ in qas], "seed": seed}
+        W, H = image.size
+        glyphs = [(ch, (x1 + x2) / 2 - l, (y1 + y2) / 2 - t, y2 - y1) for p in plates for ch, (x1, y1, x2, y2) in p.glyphs
+                  if 0 <= (x1 + x2) / 2 - l < W and 0 <= (y1 + y2) / 2 - t < H]
+        return {"image": image, "qas": [(q, a) for q, a, *_ in qas], "seed": seed, "glyphs": glyphs}
 
 
 class AnswerCollate:
@@ -115,26 +119,68 @@ class AnswerCollate:
         inputs["attention_mask"] = torch.cat([inputs["attention_mask"], mask], dim=1)
         if "mm_token_type_ids" in inputs:
             inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(ids)], dim=1)
-        return {"inputs": inputs, "labels": labels}
+        glyph_rows, glyph_ids = self.glyph_targets(items, inputs["image_grid_thw"])
+        return {"inputs": inputs, "labels": labels, "glyph_rows": glyph_rows, "glyph_ids": glyph_ids}
+
+    def glyph_targets(self, items, grids, min_height: float = 10.0):
+        """Rows of the visual features (all images concatenated, raster order of merged cells) that hold exactly
+        one character's centre, drawn at least `min_height` px high in the resized view, and that character's id."""
+        unit = self.fast.layout.factor
+        rows, ids, offset = [], [], 0
+        for it, (_, gh, gw) in zip(items, grids.tolist()):
+            W, H = it["image"].size
+            ch_, cw_ = gh * self.fast.layout.patch // unit, gw * self.fast.layout.patch // unit  # merged grid
+            sx, sy = gw * self.fast.layout.patch / W, gh * self.fast.layout.patch / H
+            cells = {}
+            for ch, cx, cy, h in it["glyphs"]:
+                if h * sy < min_height:
+                    continue
+                cell = min(int(cy * sy // unit), ch_ - 1) * cw_ + min(int(cx * sx // unit), cw_ - 1)
+                cells.setdefault(cell, []).append(ch)
+            for cell, chars in sorted(cells.items()):
+                if len(chars) == 1:
+                    rows.append(offset + cell)
+                    ids.append(self.processor.tokenizer.convert_tokens_to_ids(chars[0]))
+            offset += ch_ * cw_
+        return torch.tensor(rows, dtype=torch.long), torch.tensor(ids, dtype=torch.long)
 
 
 class AnswerObjective(nn.Module):
-    """The model's own forward and loss (HF shifts the labels), every parameter training."""
+    """Answer loss (every parameter training) plus, with weight `glyph_weight`, a dense reading loss: the LM
+    head must name the character under each visual feature that holds one (see `glyph_targets`). It gives
+    the from-scratch vision tower a signal per character instead of one per answer; the model and its
+    forward are the ordinary HF ones (the loss only reads the features the LLM receives)."""
 
-    def __init__(self, model, processor):
+    def __init__(self, model, processor, glyph_weight: float = 1.0):
         super().__init__()
+        from qzoom_adapters.spec import get_spec
+        from qzoom_adapters.trunk import Trunk
+
         self.model = model
         self.layout = PatchLayout(processor.image_processor)
+        self.glyph_weight = glyph_weight
+        self.spec = get_spec(model)
+        self.trunk = Trunk(self.spec)
 
     @staticmethod
     def loss_terms(batch) -> int:
         return int((batch["labels"][:, 1:] != -100).sum())
 
-    def forward(self, batch):
+    def forward(self, batch, parts: bool = False):
         dev = next(self.model.parameters()).device
         inputs = {k: v.to(dev, non_blocking=True) for k, v in batch["inputs"].items()}
-        inputs["pixel_values"] = self.layout.normalize(inputs.pop("pixel_values_u8"))
-        return self.model(**inputs, labels=batch["labels"].to(dev), use_cache=False).loss
+        pixels = self.layout.normalize(inputs.pop("pixel_values_u8"))
+        ids, mask, grids = inputs["input_ids"], inputs["attention_mask"], inputs["image_grid_thw"]
+        embeds, pos, feats, extra = self.trunk.encode(ids, mask, pixels, grids)
+        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=self.trunk.model_positions(pos),
+                         labels=batch["labels"].to(dev), use_cache=False, **extra)
+        loss, glyph = out.loss, out.loss.new_zeros(())
+        rows = batch["glyph_rows"].to(dev)
+        if self.glyph_weight and rows.numel():
+            logits = self.model.get_output_embeddings()(feats.embeds[rows])
+            glyph = nn.functional.cross_entropy(logits.float(), batch["glyph_ids"].to(dev))
+        total = loss + self.glyph_weight * glyph
+        return (total, loss.detach(), glyph.detach()) if parts else total
 
 
 def measure(objective, collate, batch_size: int, num_workers: int, seconds: float = 12.0) -> dict:
