@@ -218,7 +218,7 @@ def measure(objective, collate, batch_size: int, num_workers: int, seconds: floa
 
 def train(out, steps: int | None, batch_size: int = 32, lr: float = 1e-3, num_workers: int = 0, seed: int = 0,
           stop_after: int | None = None, max_seconds: float | None = None, init: str | None = None,
-          plan_seconds: float | None = None) -> dict:
+          plan_seconds: float | None = None, budgets=BUDGETS, crop_p: float = CROP_VIEW_P) -> dict:
     """Train (or continue from `init`, a saved model folder) for `steps`, or as many as `plan_seconds` allow
     at the measured throughput (the cosine schedule then ends on time)."""
     from recipes.config import TrainSection
@@ -231,7 +231,7 @@ def train(out, steps: int | None, batch_size: int = 32, lr: float = 1e-3, num_wo
         model = load_backbone(init)[0].float()
     model.train()
     objective = AnswerObjective(model.to("cuda" if torch.cuda.is_available() else "cpu"), processor)
-    collate = AnswerCollate(processor)
+    collate = AnswerCollate(processor, tuple(budgets))
     probe = None
     if plan_seconds is not None:
         probe = measure(objective, collate, batch_size, num_workers)
@@ -240,7 +240,7 @@ def train(out, steps: int | None, batch_size: int = 32, lr: float = 1e-3, num_wo
     cfg = TrainSection(lr=lr, weight_decay=0.01, warmup_ratio=0.03, max_steps=steps, batch_size=batch_size,
                        effective_batch=batch_size, save_every=max(1, min(1000, steps)), seed=seed,
                        num_workers=num_workers, log_every=max(1, min(50, steps)))
-    dataset = StreamDataset(steps * batch_size, base=1_000 + (seed % 997) * 10**6 if init else 1_000)
+    dataset = StreamDataset(steps * batch_size, base=1_000 + (seed % 997) * 10**6 if init else 1_000, crop_p=crop_p)
 
     def save(module, out_dir):
         # a bf16 copy is what ships (~12 MB); the training weights stay fp32
@@ -259,6 +259,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=20000)
     p.add_argument("--plan-seconds", type=float, help="measure throughput, then plan as many steps as fit in this time")
+    p.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="visual-token budgets, one per batch")
+    p.add_argument("--crop-p", type=float, default=CROP_VIEW_P, help="share of items that are crop views")
     p.add_argument("--init", help="continue from this saved model folder (new optimizer and schedule)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -267,7 +269,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-seconds", type=float, help="finish (and save) at the first step past this time budget")
     args = p.parse_args(argv)
     result = train(args.out, args.steps, args.batch_size, args.lr, args.num_workers, args.seed,
-                   max_seconds=args.max_seconds, init=args.init, plan_seconds=args.plan_seconds)
+                   max_seconds=args.max_seconds, init=args.init, plan_seconds=args.plan_seconds,
+                   budgets=[int(b) for b in args.budgets.split(",")], crop_p=args.crop_p)
     print(json.dumps(result, indent=1))
     return 0
 
