@@ -8,50 +8,18 @@ from pathlib import Path
 
 
 def _demo(args) -> int:
-    import torch
+    from benchmarks.zoomworld.shipped import DEFAULT_DIR, demo_samples, load_default, run_demo
+    from qzoom_adapters.errors import QZoomError
 
-    import qzoom_adapters as qz
-    from backbones.qwen2_5_vl import Qwen2_5_VLSpec
-    from backbones.tiny_processor import TINY_VOCAB_SIZE, tiny_qwen2_5_vl_processor
-    from qzoom_adapters.viz import heatmap_overlay
-    from recipes.synthetic import demo_scenes
-
-    print("qzoom demo: a TINY RANDOMLY INITIALISED Qwen2.5-VL (no trained default model is shipped yet),")
-    print("so answers are noise; what the demo shows is the whole gated pipeline running end to end.")
-    torch.manual_seed(args.seed)
+    if args.samples < 1 or args.budget < 1:
+        raise QZoomError(f"--samples and --budget must be at least 1, got {args.samples} and {args.budget}")
+    path = Path(args.model or DEFAULT_DIR)
     t0 = time.perf_counter()
-    cfg = Qwen2_5_VLSpec.tiny_config(text={"vocab_size": TINY_VOCAB_SIZE})
-    model = Qwen2_5_VLSpec.model_class()._from_config(cfg).eval()
-    model.generation_config.eos_token_id = 2
-    processor = tiny_qwen2_5_vl_processor()
-    twig = qz.TwigRPN.from_backbone(model, K=3, T=3)
-    gate = qz.DynamicGate.from_backbone(model, K=3, T=3)
-    with torch.no_grad():  # an untrained head: spread its random weights so decisions differ per question
-        gate.head.weight.normal_(0.0, 1.0)
-    zoom = qz.QZoom(model, processor, twig=twig, gate=gate, config=qz.ZoomConfig(gate_threshold=0.0, roi_threshold=2.0))
-    scenes = demo_scenes(args.samples, seed=args.seed)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    gate_t, roi_t = args.gate_threshold, args.roi_threshold
-    if gate_t is None or roi_t is None:  # untrained adapters: calibrate on this batch so some questions zoom
-        probe = zoom.generate([s.image for s in scenes], [s.question for s in scenes], max_new_tokens=1)
-        probs = torch.tensor([o.gate_prob for o in probe])
-        heat = torch.cat([torch.sigmoid(o.heatmap).flatten() for o in probe])
-        gate_t = float(probs.median()) if gate_t is None else gate_t
-        roi_t = float(heat.quantile(0.9)) if roi_t is None else roi_t
-        print(f"thresholds calibrated on this batch: gate {gate_t:.4f} (median), roi {roi_t:.4f} (90th percentile)")
-    zoom.config = qz.ZoomConfig(gate_threshold=gate_t, roi_threshold=roi_t)
-    outs = zoom.generate([s.image for s in scenes], [s.question for s in scenes], max_new_tokens=args.max_new_tokens)
-    for i, (scene, o) in enumerate(zip(scenes, outs)):
-        png = out_dir / f"sample_{i}.png"
-        heatmap_overlay(scene.image, o.heatmap, o.bbox, scene.box).save(png)
-        print(f"[{i + 1}/{len(scenes)}] {scene.question!r}  gate={o.gate_prob:.3f} zoomed={o.zoomed} "
-              f"box={o.bbox} visual_tokens={o.visual_tokens}")
-        print(f"      answer={o.text!r}  truth={scene.answer!r}  -> {png}")
-    n_zoom = sum(o.zoomed for o in outs)
-    print(f"summary: {len(outs)} questions, {n_zoom} zoomed, "
-          f"{sum(o.visual_tokens for o in outs) / len(outs):.0f} visual tokens on average, "
-          f"{time.perf_counter() - t0:.1f}s; pictures in {out_dir}/")
+    zoom, spec, processor = load_default(path)
+    print(f"qzoom demo: ZoomWorld default from {path} (loaded in {time.perf_counter() - t0:.1f}s), "
+          f"{args.samples} test-split questions at {args.budget} visual tokens")
+    run_demo(zoom, spec, processor, demo_samples(args.samples, start=args.seed), args.budget, Path(args.out),
+             max_new_tokens=args.max_new_tokens)
     return 0
 
 
@@ -86,6 +54,16 @@ def _infer(args) -> int:
     if args.heatmap:
         heatmap_overlay(image, out.heatmap, out.bbox).save(args.heatmap)
         print(f"heatmap -> {args.heatmap}")
+    return 0
+
+
+def _bench_zoomworld(args) -> int:
+    from benchmarks.zoomworld.bench import DEFAULT_OUT, bench, markdown_table
+
+    out = Path(args.out or DEFAULT_OUT)
+    report = bench(args.model, args.n, args.batch_size, out, args.device, args.quick)
+    print(markdown_table(report))
+    print(f"report -> {out} (+ {out.with_suffix('.md').name}, {out.with_suffix('.png').name})")
     return 0
 
 
@@ -158,13 +136,14 @@ def _recipe_args(p, example: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qzoom", description="Q-Zoom adapters for Hugging Face MLLMs")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="run the gated pipeline end to end on the embedded default (CPU, no download)",
+    d = sub.add_parser("demo", help="answer ZoomWorld test questions with the shipped default (CPU, no download)",
                        description="Example: qzoom demo --out qzoom-demo")
-    d.add_argument("--out", default="qzoom-demo", help="folder for the per-sample PNGs")
-    d.add_argument("--samples", type=int, default=4)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--gate-threshold", type=float, help="default: calibrated on the demo batch")
-    d.add_argument("--roi-threshold", type=float, help="default: calibrated on the demo batch")
+    d.add_argument("--model", help="a ZoomWorld default folder: model/ + adapters (default: the shipped "
+                                   "benchmarks/zoomworld/default)")
+    d.add_argument("--samples", type=int, default=6, help="questions, alternating detail and global")
+    d.add_argument("--budget", type=int, default=64, help="visual tokens for the global view and for the crop")
+    d.add_argument("--out", default="qzoom-demo", help="folder for the per-sample PNGs and summary.json")
+    d.add_argument("--seed", type=int, default=0, help="first test-split scene (TEST_SEED + seed)")
     d.add_argument("--max-new-tokens", type=int, default=8)
     d.set_defaults(func=_demo)
     i = sub.add_parser("infer", help="answer one question about one image",
@@ -228,6 +207,21 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--limit", type=int, help="use at most this many records")
     h.add_argument("--top", type=int, default=4, help="grounding heads to suggest")
     h.set_defaults(func=_heads)
+
+    bench = sub.add_parser("bench", help="benchmarks: `qzoom bench zoomworld`")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    bz = bench_sub.add_parser("zoomworld", help="accuracy, visual tokens and latency on ZoomWorld: plain vs Q-Zoom",
+                              description="Baseline at 64-1024 visual tokens and Q-Zoom at 64-256 on the ZoomWorld "
+                                          "test split; writes a JSON report, a Markdown table and a Pareto plot. "
+                                          "Example: qzoom bench zoomworld --n 300")
+    bz.add_argument("--model", help="default folder (default: the shipped benchmarks/zoomworld/default)")
+    bz.add_argument("--n", type=int, help="test samples (default 300; 8 with --quick)")
+    bz.add_argument("--batch-size", type=int, default=16)
+    bz.add_argument("--out", help="JSON report, with its .md and .png beside it "
+                                  "(default: benchmarks/results/zoomworld_bench.json)")
+    bz.add_argument("--device", help="default: cuda if available, else cpu")
+    bz.add_argument("--quick", action="store_true", help="smoke run: n=8, baseline at 64 and 256, Q-Zoom at 64")
+    bz.set_defaults(func=_bench_zoomworld)
     return p
 
 

@@ -1,11 +1,17 @@
 """`generate()` through a processor, `qzoom demo`, `qzoom infer`, and reference key mapping."""
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
+from PIL import Image
 
 import qzoom_adapters as qz
 from backbones.qwen2_5_vl import Qwen2_5_VLSpec
 from backbones.tiny_processor import TINY_VOCAB_SIZE, tiny_qwen2_5_vl_processor
+from benchmarks.zoomworld.shipped import demo_samples, load_default, write_untrained_default
+from qzoom_adapters.errors import QZoomError
 from qzoom_adapters.testing import synthetic_image
 from recipes.cli import main
 
@@ -33,11 +39,38 @@ def test_generate_equals_generate_from_inputs():
     assert outs[0].text == proc.tokenizer.decode(outs[0].tokens, skip_special_tokens=True)
 
 
-def test_demo_runs_and_writes_pictures(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--samples", "3"]) == 0
+@pytest.fixture(scope="module")
+def untrained_default(tmp_path_factory):
+    return write_untrained_default(tmp_path_factory.mktemp("default"))
+
+
+def test_demo_runs_and_writes_pictures(untrained_default, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", str(untrained_default), "--out", str(out), "--samples", "3"]) == 0
     text = capsys.readouterr().out
-    assert "RANDOMLY INITIALISED" in text and "summary: 3 questions" in text
-    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["sample_0.png", "sample_1.png", "sample_2.png"]
+    samples = demo_samples(3)
+    assert [s.family for s in samples] == ["detail", "global", "detail"]
+    assert sorted(p.name for p in out.glob("*.png")) == ["sample_0.png", "sample_1.png", "sample_2.png"]
+    for i, s in enumerate(samples):
+        with Image.open(out / f"sample_{i}.png") as png:
+            assert png.size == s.image.size
+        block = text.split(f"[{i + 1}/3] {s.id} ({s.family}) {s.question}\n", 1)[1]
+        gate_line, answer_line = block.splitlines()[:2]
+        assert "gate=" in gate_line and "zoomed=" in gate_line
+        assert "answer=" in answer_line and f"truth={s.answer!r}" in answer_line and f"sample_{i}.png" in answer_line
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == {"n", "budget", "accuracy", "detail_accuracy", "global_accuracy", "zoom_rate_detail",
+                            "zoom_rate_global", "mean_visual_tokens", "seconds"}
+    assert (summary["n"], summary["budget"]) == (3, 64) and 0 <= summary["accuracy"] <= 1
+    assert "summary: n=3 accuracy=" in text
+
+
+def test_demo_without_a_default_says_how_to_get_one(tmp_path, capsys):
+    assert main(["demo", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "demo")]) == 2
+    err = capsys.readouterr().err
+    assert "no ZoomWorld default" in err and "train it with benchmarks/zoomworld" in err
+    with pytest.raises(QZoomError, match="adapter_config.json"):
+        load_default(tmp_path)
 
 
 def test_infer_from_saved_files(tmp_path, capsys):

@@ -85,7 +85,7 @@ def test_default_model_trains_and_saves_a_small_hf_folder(tmp_path):
     tok = processor.tokenizer
     for b, i in enumerate((0, 1)):
         kept = batch["labels"][b][batch["labels"][b] != -100].tolist()
-        assert kept == tok(ds[i]["answer"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert kept == [t for _, a in ds[i]["qas"] for t in tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
     result = train(tmp_path / "run", steps=5, batch_size=2, max_seconds=0.0)  # a time budget ends it after step 1
     assert result["finished"] and (result["step"], result["planned_steps"]) == (1, 5)
     assert torch.isfinite(torch.tensor(result["final_loss"]))

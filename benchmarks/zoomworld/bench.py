@@ -1,0 +1,300 @@
+"""`qzoom bench zoomworld`: the default model on the ZoomWorld test split, plain and with Q-Zoom.
+
+* baseline: the plain model (HF `generate`, greedy) at every budget in `BUDGETS`;
+* Q-Zoom at the low budgets `QZOOM_BUDGETS`: the global view at b visual tokens and, where the gate fires,
+  a crop re-encoded at the same b (crop_min_pixels = crop_max_pixels = b * FACTOR**2).
+
+Per configuration: accuracy (overall, per family, per kind), mean visual tokens the model actually read, and
+mean latency per sample (wall clock per batch, from PIL images to decoded answers, preprocessing included as
+Q-Zoom's crop re-encoding is, divided by the batch size). For Q-Zoom also the zoom rate, the twig's box hit rate
+on detail questions (the gated run's box where it zoomed, else one run with gate_threshold=0 on those samples:
+the pipeline only makes a box when it zooms) with the boxes' mean share of the image (a box covering the whole
+image always hits), and the gate's decisions against need.
+
+Writes a JSON report, a Markdown table (`.md`) and a Pareto plot (`.png`, drawn with PIL) side by side.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from .generator import split
+from .model import BUDGETS, FACTOR
+from .scoring import exact_match, score
+
+QZOOM_BUDGETS = (64, 128, 256)
+QUICK = {"n": 8, "baseline": (64, 256), "qzoom": (64,)}  # a smoke run for tests
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "results" / "zoomworld_bench.json"
+MAX_NEW_TOKENS = 8  # answers are a code, a count or a colour
+
+
+# --- measuring ------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _chunks(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _inputs(spec, processor, chunk, budget: int, device) -> dict:
+    inputs = spec.chat_inputs(processor, [s.image for s in chunk], [s.question for s in chunk],
+                              pixels=budget * FACTOR**2)
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
+@torch.no_grad()
+def run_baseline(model, processor, spec, samples, budget: int, batch_size: int, device) -> tuple[dict, list[bool]]:
+    """The plain model at `budget`: (result row, per-sample correctness)."""
+    answers, tokens, seconds = [], [], 0.0
+    for chunk in _chunks(samples, batch_size):
+        _sync(device)
+        t0 = time.perf_counter()
+        inputs = _inputs(spec, processor, chunk, budget, device)
+        S = inputs["input_ids"].shape[1]
+        seq = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW_TOKENS)
+        answers += processor.tokenizer.batch_decode(seq[:, S:], skip_special_tokens=True)
+        _sync(device)
+        seconds += time.perf_counter() - t0
+        tokens += (inputs["input_ids"] == spec.image_token_id).sum(dim=1).tolist()
+    result = score(samples, [{"answer": a} for a in answers])
+    row = {"budget": budget, "accuracy": result["accuracy"], "visual_tokens": _mean(tokens),
+           "latency_s": seconds / len(samples)}
+    return row, [exact_match(a, s.answer) for a, s in zip(answers, samples)]
+
+
+def _zoom_batches(zoom, spec, processor, samples, budget: int, batch_size: int, device) -> tuple[list, float]:
+    """Q-Zoom outputs for `samples` with the global view at `budget`, and the seconds they took."""
+    outs, seconds = [], 0.0
+    for chunk in _chunks(samples, batch_size):
+        _sync(device)
+        t0 = time.perf_counter()
+        inputs = _inputs(spec, processor, chunk, budget, device)
+        outs += zoom.generate_from_inputs(inputs, [s.image for s in chunk], max_new_tokens=MAX_NEW_TOKENS)
+        _sync(device)
+        seconds += time.perf_counter() - t0
+    return outs, seconds
+
+
+def gate_stats(samples, fired: list[bool], baseline_correct: list[bool] | None) -> dict:
+    """The gate's decisions against need: how often it fires on detail questions (all of them, and those the
+    baseline at the same budget gets wrong) and how often it skips global ones."""
+    detail = [f for s, f in zip(samples, fired) if s.family == "detail"]
+    glob = [f for s, f in zip(samples, fired) if s.family == "global"]
+    wrong = None if baseline_correct is None else [
+        f for s, f, ok in zip(samples, fired, baseline_correct) if s.family == "detail" and not ok]
+    return {"fire_rate_detail_baseline_wrong": None if wrong is None else _mean(wrong),
+            "detail_baseline_wrong": None if wrong is None else len(wrong),
+            "fire_rate_detail": _mean(detail), "skip_rate_global": _mean(not f for f in glob)}
+
+
+@torch.no_grad()
+def run_qzoom(zoom, processor, samples, budget: int, batch_size: int, device,
+              baseline_correct: list[bool] | None = None) -> dict:
+    """Q-Zoom at `budget` (global view and crop): its result row."""
+    spec, saved = zoom.spec, zoom.config
+    pixels = budget * FACTOR**2
+    gated = saved.model_copy(update={"crop_min_pixels": pixels, "crop_max_pixels": pixels})
+    try:
+        zoom.config = gated
+        outs, seconds = _zoom_batches(zoom, spec, processor, samples, budget, batch_size, device)
+        fired = [o.gate_prob is None or o.gate_prob >= gated.gate_threshold for o in outs]
+        boxes = [o.bbox for o in outs]
+        # the pipeline makes a box only when it zooms: the twig's box for the skipped detail questions
+        skipped = [i for i, (s, f) in enumerate(zip(samples, fired)) if s.family == "detail" and not f]
+        if skipped:
+            zoom.config = gated.model_copy(update={"gate_threshold": 0.0})
+            forced, _ = _zoom_batches(zoom, spec, processor, [samples[i] for i in skipped], budget, batch_size, device)
+            for i, o in zip(skipped, forced):
+                boxes[i] = o.bbox
+    finally:
+        zoom.config = saved
+    result = score(samples, [{"answer": o.text, "box": b} for o, b in zip(outs, boxes)])
+    return {"budget": budget, "accuracy": result["accuracy"], "visual_tokens": _mean(o.visual_tokens for o in outs),
+            "latency_s": seconds / len(samples), "zoom_rate": _mean(o.zoomed for o in outs),
+            "box_hit_rate": result["box_hit_rate"], "boxes_scored": result["boxes_scored"],
+            "detail_without_box": sum(s.family == "detail" and b is None for s, b in zip(samples, boxes)),
+            "box_area_fraction": _mean((b[2] - b[0]) * (b[3] - b[1]) / (s.image.width * s.image.height)
+                                       for s, b in zip(samples, boxes) if s.family == "detail" and b is not None),
+            "gate_threshold": gated.gate_threshold, "gate": gate_stats(samples, fired, baseline_correct)}
+
+
+# --- metadata --------------------------------------------------------------------------------
+def git_commit() -> str | None:
+    """This checkout's commit (`git rev-parse HEAD`), or None without git or outside a repository."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def metadata(model_dir: Path, n: int, batch_size: int, device: torch.device) -> dict:
+    """Where the numbers come from: commit, machine, versions, run size and the model folder's record.json."""
+    import transformers
+
+    record = model_dir / "record.json"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {"git_commit": git_commit(),
+            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "device": str(device),
+                        "device_name": name},
+            "torch": torch.__version__, "transformers": transformers.__version__, "n": n, "split": "test",
+            "batch_size": batch_size, "max_new_tokens": MAX_NEW_TOKENS, "model_dir": str(model_dir),
+            "record": json.loads(record.read_text()) if record.is_file() else None}
+
+
+# --- Pareto plot (PIL) -------------------------------------------------------------------------
+SERIES_COLOURS = {"baseline": (60, 90, 160), "Q-Zoom": (220, 110, 20)}
+PLOT_SIZE = (760, 500)
+MARGINS = (80, 70, 40, 60)  # left, top, right, bottom: room for tick labels, title and legend
+
+
+def _font(size: int) -> ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+class LogXFrame:
+    """Where data lands in the plot area: log-scale x over whole powers of two around the data, y over [0, 1]."""
+
+    def __init__(self, xs, size=PLOT_SIZE, margins=MARGINS):
+        self.lo = 2 ** math.floor(math.log2(min(xs)))
+        self.hi = max(2 ** math.ceil(math.log2(max(xs))), 2 * self.lo)
+        self.size = size
+        self.left, self.top = margins[0], margins[1]
+        self.right, self.bottom = size[0] - margins[2], size[1] - margins[3]
+
+    def to_pixel(self, x: float, y: float) -> tuple[float, float]:
+        fx = (math.log(x) - math.log(self.lo)) / (math.log(self.hi) - math.log(self.lo))
+        return self.left + fx * (self.right - self.left), self.bottom - y * (self.bottom - self.top)
+
+    def x_ticks(self) -> list[int]:
+        return [2**k for k in range(int(math.log2(self.lo)), int(math.log2(self.hi)) + 1)]
+
+
+def pareto_plot(series: dict[str, list[tuple[float, float, str]]], title: str = "") -> Image.Image:
+    """Accuracy (y) against mean visual tokens (x, log scale): one line of labelled points per series.
+
+    `series`: name -> [(x, y, point label)]; names take their colour from `SERIES_COLOURS`.
+    """
+    frame = LogXFrame([x for points in series.values() for x, _, _ in points])
+    img = Image.new("RGB", frame.size, "white")
+    draw = ImageDraw.Draw(img)
+    small, font = _font(12), _font(14)
+    for y in [k / 5 for k in range(6)]:  # horizontal grid and y tick labels
+        _, py = frame.to_pixel(frame.lo, y)
+        draw.line([(frame.left, py), (frame.right, py)], fill=(225, 225, 225))
+        draw.text((frame.left - 8, py), f"{y:.1f}", fill="black", font=small, anchor="rm")
+    for x in frame.x_ticks():  # vertical grid and x tick labels
+        px, _ = frame.to_pixel(x, 0.0)
+        draw.line([(px, frame.top), (px, frame.bottom)], fill=(225, 225, 225))
+        draw.text((px, frame.bottom + 6), str(x), fill="black", font=small, anchor="mt")
+    draw.rectangle([frame.left, frame.top, frame.right, frame.bottom], outline="black")
+    draw.text(((frame.left + frame.right) / 2, frame.size[1] - 8), "mean visual tokens (log scale)", fill="black",
+              font=font, anchor="md")
+    draw.text((12, (frame.top + frame.bottom) / 2), "accuracy", fill="black", font=font, anchor="lm")
+    draw.text((frame.left, 10), title, fill="black", font=font)
+    lx = frame.left
+    for name in series:  # legend above the plot area
+        colour = SERIES_COLOURS[name]
+        draw.line([(lx, 45), (lx + 24, 45)], fill=colour, width=2)
+        draw.ellipse([lx + 8, 41, lx + 16, 49], fill=colour)
+        draw.text((lx + 30, 45), name, fill="black", font=font, anchor="lm")
+        lx += 50 + draw.textlength(name, font=font)
+    for name, points in series.items():
+        pixels = [(frame.to_pixel(x, y), label) for x, y, label in sorted(points)]
+        colour = SERIES_COLOURS[name]
+        if len(pixels) > 1:
+            draw.line([p for p, _ in pixels], fill=colour, width=2)
+        for (px, py), label in pixels:
+            draw.text((px + 7, py - 7), label, fill=colour, font=small, anchor="lb")
+    for name, points in series.items():  # points last, on top of lines and labels
+        for x, y, _ in points:
+            px, py = frame.to_pixel(x, y)
+            draw.ellipse([px - 5, py - 5, px + 5, py + 5], fill=SERIES_COLOURS[name])
+    return img
+
+
+# --- report ----------------------------------------------------------------------------------------
+def _fmt(value, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+COLUMNS = ("method", "budget", "visual tokens", "accuracy", "detail", "global", "latency (ms/sample)", "zoom rate",
+           "box hit (detail)", "box / image area", "gate fires: detail, baseline wrong", "gate fires: detail",
+           "gate skips: global")
+
+
+def markdown_table(report: dict) -> str:
+    """One row per configuration, then where the numbers come from."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for method, rows in (("baseline", report["baseline"]), ("Q-Zoom", report["qzoom"])):
+        for r in rows:
+            acc, gate = r["accuracy"], r.get("gate", {})
+            cells = [method, str(r["budget"]), _fmt(r["visual_tokens"], 1), _fmt(acc.get("all")),
+                     _fmt(acc.get("detail")), _fmt(acc.get("global")), _fmt(1000 * r["latency_s"], 1),
+                     _fmt(r.get("zoom_rate")), _fmt(r.get("box_hit_rate")), _fmt(r.get("box_area_fraction")),
+                     _fmt(gate.get("fire_rate_detail_baseline_wrong")), _fmt(gate.get("fire_rate_detail")),
+                     _fmt(gate.get("skip_rate_global"))]
+            lines.append("| " + " | ".join(cells) + " |")
+    m = report["meta"]
+    lines += ["", f"ZoomWorld test split, n={m['n']}, {m['machine']['device_name']} ({m['machine']['device']}), "
+                  f"torch {m['torch']}, transformers {m['transformers']}, commit {m['git_commit'] or 'unknown'}; "
+                  f"Q-Zoom crops at the global budget. Latency is per sample, batch size {m['batch_size']}, "
+                  "preprocessing included."]
+    return "\n".join(lines) + "\n"
+
+
+def bench(model_dir=None, n: int | None = None, batch_size: int = 16, out=None, device: str | None = None,
+          quick: bool = False) -> dict:
+    """Measure, then write the JSON report and the `.md` and `.png` beside it; returns the report."""
+    from qzoom_adapters.errors import QZoomError
+
+    from .shipped import DEFAULT_DIR, load_default
+
+    model_dir = Path(model_dir or DEFAULT_DIR)
+    out = Path(out or DEFAULT_OUT)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    n = n if n is not None else QUICK["n"] if quick else 300
+    if n < 1 or batch_size < 1:
+        raise QZoomError(f"--n and --batch-size must be at least 1, got {n} and {batch_size}")
+    baseline_budgets, qzoom_budgets = (QUICK["baseline"], QUICK["qzoom"]) if quick else (BUDGETS, QZOOM_BUDGETS)
+    t0 = time.perf_counter()
+    zoom, spec, processor = load_default(model_dir)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as `recipes.models.load_backbone`
+    for module in (zoom.model, zoom.twig, zoom.gate):
+        if module is not None:
+            module.to(device, dtype)
+    samples = split("test", n)
+    run_baseline(zoom.model, processor, spec, samples[:2], min(baseline_budgets), batch_size, device)  # warm-up
+    run_qzoom(zoom, processor, samples[:2], min(qzoom_budgets), batch_size, device)
+    baseline, correct = [], {}
+    for b in baseline_budgets:
+        row, correct[b] = run_baseline(zoom.model, processor, spec, samples, b, batch_size, device)
+        baseline.append(row)
+    qzoom = [run_qzoom(zoom, processor, samples, b, batch_size, device, correct.get(b)) for b in qzoom_budgets]
+    report = {"meta": {**metadata(model_dir, n, batch_size, device), "zoom_config": zoom.config.model_dump(),
+                       "elapsed_s": time.perf_counter() - t0},
+              "baseline": baseline, "qzoom": qzoom}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown_table(report))
+    series = {"baseline": [(r["visual_tokens"], r["accuracy"]["all"], str(r["budget"])) for r in baseline],
+              "Q-Zoom": [(r["visual_tokens"], r["accuracy"]["all"], str(r["budget"])) for r in qzoom]}
+    pareto_plot(series, f"ZoomWorld test (n={n}): accuracy vs visual tokens").save(out.with_suffix(".png"))
+    return report

@@ -1,0 +1,107 @@
+"""The shipped ZoomWorld default (model + Q-Zoom adapters) and the demo that runs it.
+
+Layout of a default folder (`DEFAULT_DIR` unless given):
+* `model/`: an ordinary Hugging Face Qwen2.5-VL model + processor folder;
+* `adapter_config.json` + `adapter_model.safetensors`: the twig and gate (`QZoom.save_pretrained`);
+* `record.json`: what produced it and its recorded test accuracy.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from qzoom_adapters.errors import QZoomError
+
+from .generator import TEST_SEED, Sample, make_sample
+from .model import FACTOR
+from .scoring import exact_match, score
+
+DEFAULT_DIR = Path(__file__).parent / "default"
+_NEEDED = ("model/config.json", "adapter_config.json", "adapter_model.safetensors")
+
+
+def load_default(path=DEFAULT_DIR, **config_overrides):
+    """(zoom, spec, processor) of a default folder; keyword arguments override its saved `ZoomConfig`."""
+    import qzoom_adapters as qz
+    from recipes.models import load_backbone
+
+    path = Path(path)
+    missing = [name for name in _NEEDED if not (path / name).is_file()]
+    if missing:
+        raise QZoomError(f"no ZoomWorld default in {path} (missing {', '.join(missing)}); train it with "
+                         "benchmarks/zoomworld (see README) or pass the folder of one with --model")
+    model, processor, spec = load_backbone(str(path / "model"), eval_mode=True)
+    zoom = qz.QZoom.from_pretrained(path, model=model, processor=processor, **config_overrides)
+    return zoom, spec, processor
+
+
+def write_untrained_default(out, seed: int = 0, K: int = 4, T: int = 2) -> Path:
+    """A default folder with a randomly initialised model and adapters (for tests: same layout, no training)."""
+    import torch
+
+    import qzoom_adapters as qz
+
+    from .model import new_model
+
+    out = Path(out)
+    model, processor = new_model(seed)
+    twig, gate = qz.TwigRPN.from_backbone(model, K, T), qz.DynamicGate.from_backbone(model, K, T)
+    qz.QZoom(model, processor, twig=twig, gate=gate).save_pretrained(out)
+    model.to(torch.bfloat16).save_pretrained(out / "model")
+    processor.save_pretrained(out / "model")
+    (out / "record.json").write_text(json.dumps({"untrained": True}) + "\n")
+    return out
+
+
+def demo_samples(n: int, start: int = 0) -> list[Sample]:
+    """`n` held-out questions on test-split scenes `TEST_SEED + start + i`, alternating detail and global."""
+    return [make_sample(TEST_SEED + start + i, "detail" if i % 2 == 0 else "global") for i in range(n)]
+
+
+def _rate(flags: list[bool]) -> float | None:
+    return sum(flags) / len(flags) if flags else None
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def run_demo(zoom, spec, processor, samples: list[Sample], budget: int, out_dir, max_new_tokens: int = 8) -> dict:
+    """Answer `samples` at `budget` visual tokens (global view and crop), print and picture each, summarise.
+
+    Writes `out_dir/sample_{i}.png` (heatmap, predicted box in yellow, true box in green) and
+    `out_dir/summary.json`; returns the summary.
+    """
+    from qzoom_adapters.viz import heatmap_overlay
+    from recipes.models import batch_to
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    pixels = budget * FACTOR**2
+    zoom.config = zoom.config.model_copy(update={"crop_min_pixels": pixels, "crop_max_pixels": pixels})
+    images = [s.image for s in samples]
+    inputs = spec.chat_inputs(processor, images, [s.question for s in samples], pixels=pixels)
+    outs = zoom.generate_from_inputs(batch_to(inputs, zoom.model.device), images, max_new_tokens=max_new_tokens)
+    seconds = time.perf_counter() - t0
+    for i, (s, o) in enumerate(zip(samples, outs)):
+        png = out_dir / f"sample_{i}.png"
+        heatmap_overlay(s.image, o.heatmap, o.bbox, s.box).save(png)
+        gate = "n/a" if o.gate_prob is None else f"{o.gate_prob:.3f}"
+        verdict = "correct" if exact_match(o.text, s.answer) else "wrong"
+        print(f"[{i + 1}/{len(samples)}] {s.id} ({s.family}) {s.question}")
+        print(f"      gate={gate} zoomed={'yes' if o.zoomed else 'no'} box={o.bbox} visual_tokens={o.visual_tokens}")
+        print(f"      answer={o.text!r} truth={s.answer!r} {verdict} -> {png}")
+    acc = score(samples, [{"answer": o.text, "box": o.bbox} for o in outs])["accuracy"]
+    zoomed = {fam: _rate([o.zoomed for s, o in zip(samples, outs) if s.family == fam]) for fam in ("detail", "global")}
+    summary = {"n": len(samples), "budget": budget, "accuracy": acc["all"], "detail_accuracy": acc.get("detail"),
+               "global_accuracy": acc.get("global"), "zoom_rate_detail": zoomed["detail"],
+               "zoom_rate_global": zoomed["global"],
+               "mean_visual_tokens": sum(o.visual_tokens for o in outs) / len(outs), "seconds": round(seconds, 2)}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"summary: n={summary['n']} accuracy={_fmt(summary['accuracy'])} (detail {_fmt(acc.get('detail'))}, "
+          f"global {_fmt(acc.get('global'))}) zoom rate detail {_fmt(zoomed['detail'])} global "
+          f"{_fmt(zoomed['global'])}, {summary['mean_visual_tokens']:.0f} visual tokens on average, "
+          f"{seconds:.1f}s; pictures in {out_dir}/")
+    return summary
