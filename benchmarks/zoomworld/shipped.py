@@ -98,10 +98,44 @@ def run_demo(zoom, spec, processor, samples: list[Sample], budget: int, out_dir,
     summary = {"n": len(samples), "budget": budget, "accuracy": acc["all"], "detail_accuracy": acc.get("detail"),
                "global_accuracy": acc.get("global"), "zoom_rate_detail": zoomed["detail"],
                "zoom_rate_global": zoomed["global"],
-               "mean_visual_tokens": sum(o.visual_tokens for o in outs) / len(outs), "seconds": round(seconds, 2)}
+               "mean_visual_tokens": sum(o.visual_tokens for o in outs) / len(outs), "seconds": round(seconds, 2),
+               "answers": [o.text for o in outs]}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"summary: n={summary['n']} accuracy={_fmt(summary['accuracy'])} (detail {_fmt(acc.get('detail'))}, "
           f"global {_fmt(acc.get('global'))}) zoom rate detail {_fmt(zoomed['detail'])} global "
           f"{_fmt(zoomed['global'])}, {summary['mean_visual_tokens']:.0f} visual tokens on average, "
           f"{seconds:.1f}s; pictures in {out_dir}/")
     return summary
+
+
+CHECK = {"samples": 8, "budget": 64}  # the recorded demo run a test repeats on the shipped files
+
+
+def recorded_check(path=DEFAULT_DIR, out_dir=None) -> dict:
+    """The demo on the first `CHECK["samples"]` demo questions at `CHECK["budget"]`: the numbers `record.json`
+    keeps under "check" and that the test suite must reproduce from the shipped files."""
+    import tempfile
+
+    zoom, spec, processor = load_default(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = run_demo(zoom, spec, processor, demo_samples(CHECK["samples"]), CHECK["budget"], out_dir or tmp)
+    return {k: summary[k] for k in ("n", "budget", "accuracy", "mean_visual_tokens", "answers")}
+
+
+def main(argv=None) -> int:
+    """`python -m benchmarks.zoomworld.shipped --record DIR`: store `recorded_check` in DIR/record.json."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--record", required=True, help="a default folder whose record.json gets the check")
+    args = p.parse_args(argv)
+    path = Path(args.record)
+    record = json.loads((path / "record.json").read_text()) if (path / "record.json").is_file() else {}
+    record["check"] = recorded_check(path)
+    (path / "record.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(json.dumps(record["check"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

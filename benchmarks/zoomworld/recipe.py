@@ -1,0 +1,63 @@
+"""Q-Zoom on the ZoomWorld model through the project's own recipes: records + a recipe YAML.
+
+    python -m benchmarks.zoomworld.recipe --model DIR --out RUN [--n 128]
+    qzoom heads --config RUN/recipe.yaml --layers 1,2,3 --out RUN/heads.json   # choose the pairs
+    qzoom labels stage1 --config RUN/recipe.yaml --set labels_stage1.textual_pairs=...
+    qzoom train stage1 --config RUN/recipe.yaml
+
+Records come from their own seed range (disjoint from the training stream, val and test) and carry
+each question's ground-truth box, which `qzoom heads` uses to *select* the attention heads.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import yaml
+
+from recipes.data import write_jsonl
+
+from .generator import make_sample
+
+RECIPE_SEED = 30_000_000  # records for the Q-Zoom stages (training stream < 10M, val 10M+, test 20M+)
+K, T = 4, 2
+
+
+def write_setup(out, model_dir, n: int = 128, grid: int = 16) -> Path:
+    """`images/`, `records.jsonl` (detail questions, textual mode, with boxes) and `recipe.yaml` under `out`."""
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        s = make_sample(RECIPE_SEED + i, "detail")
+        name = f"images/{s.id}.png"
+        s.image.save(out / name)
+        rows.append({"id": s.id, "image": name, "question": s.question, "answers": [s.answer], "mode": "textual",
+                     "dataset": "zoomworld", "box": list(s.box)})
+    write_jsonl(out / "records.jsonl", rows)
+    train = {"lr": 1e-3, "batch_size": 8, "effective_batch": 8, "epochs": 3, "save_every": 20, "warmup_ratio": 0.1}
+    recipe = {
+        "model": {"path": str(Path(model_dir).resolve()), "dtype": "float32"},
+        "K": K, "T": T,
+        "labels_stage1": {"records": "records.jsonl", "out": "labels1", "grid": grid, "max_new_tokens": 5,
+                          "batch_size": 8, "shard_size": 64, "answer_suffix": "", "textual_pairs": {3: [0]},
+                          "natural_pairs": {3: [0]}},
+        "stage1": {"labels": "labels1", "out": "stage1", "train": train},
+    }
+    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=128)
+    p.add_argument("--grid", type=int, default=16)
+    args = p.parse_args(argv)
+    print(write_setup(args.out, args.model, args.n, args.grid) / "recipe.yaml")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
