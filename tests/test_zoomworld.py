@@ -93,3 +93,23 @@ def test_default_model_trains_and_saves_a_small_hf_folder(tmp_path):
     assert sum(f.stat().st_size for f in folder.iterdir()) <= 16e6
     loaded, proc, spec = load_backbone(str(folder))
     assert spec.family == "qwen2_5_vl" and proc.tokenizer.eos_token_id == tok.eos_token_id
+
+
+def test_shipped_default_reproduces_its_record(tmp_path):
+    """The shipped files alone: <= 8M parameters, <= 16 MB, and the recorded demo check repeats (answers may
+    differ in at most one sample across transformers versions and CPUs)."""
+    import json
+
+    from benchmarks.zoomworld.shipped import DEFAULT_DIR, load_default, recorded_check
+
+    size = sum(f.stat().st_size for f in DEFAULT_DIR.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".json",
+                                                                                                 ".jinja"))
+    assert size <= 16e6
+    zoom, _, _ = load_default(DEFAULT_DIR)
+    assert sum(p.numel() for p in zoom.model.parameters()) <= 8e6
+    recorded = json.loads((DEFAULT_DIR / "record.json").read_text())["check"]
+    now = recorded_check(DEFAULT_DIR, tmp_path)
+    same = sum(a == b for a, b in zip(now["answers"], recorded["answers"]))
+    assert len(now["answers"]) == len(recorded["answers"]) and same >= len(recorded["answers"]) - 1
+    assert abs(now["accuracy"] - recorded["accuracy"]) <= 1 / recorded["n"] + 1e-9
+    assert abs(now["mean_visual_tokens"] - recorded["mean_visual_tokens"]) <= 0.05 * recorded["mean_visual_tokens"]

@@ -4,6 +4,7 @@
     qzoom heads --config RUN/recipe.yaml --layers 1,2,3 --out RUN/heads.json   # choose the pairs
     qzoom labels stage1 --config RUN/recipe.yaml --set labels_stage1.textual_pairs=...
     qzoom train stage1 --config RUN/recipe.yaml
+    qzoom mine --config RUN/recipe.yaml && qzoom train stage2 --config RUN/recipe.yaml
 
 Records come from their own seed range (disjoint from the training stream, val and test) and carry
 each question's ground-truth box, which `qzoom heads` uses to *select* the attention heads.
@@ -35,6 +36,14 @@ def write_setup(out, model_dir, n: int = 128, grid: int = 16) -> Path:
         rows.append({"id": s.id, "image": name, "question": s.question, "answers": [s.answer], "mode": "textual",
                      "dataset": "zoomworld", "box": list(s.box)})
     write_jsonl(out / "records.jsonl", rows)
+    pool = []  # stage 2: detail and global questions on other scenes
+    for i in range(n):
+        s = make_sample(RECIPE_SEED + 100_000 + i, "detail" if i % 2 == 0 else "global")
+        name = f"images/{s.id}.png"
+        s.image.save(out / name)
+        pool.append({"id": s.id, "image": name, "question": s.question, "answers": [s.answer], "mode": "textual",
+                     "dataset": "zoomworld"})
+    write_jsonl(out / "pool.jsonl", pool)
     train = {"lr": 1e-3, "batch_size": 8, "effective_batch": 8, "epochs": 3, "save_every": 20, "warmup_ratio": 0.1}
     recipe = {
         "model": {"path": str(Path(model_dir).resolve()), "dtype": "float32"},
@@ -43,6 +52,13 @@ def write_setup(out, model_dir, n: int = 128, grid: int = 16) -> Path:
                           "batch_size": 8, "shard_size": 64, "answer_suffix": "", "textual_pairs": {3: [0]},
                           "natural_pairs": {3: [0]}},
         "stage1": {"labels": "labels1", "out": "stage1", "train": train},
+        # The base model reads crops but not whole scenes, so few samples are "regressions" (direct right,
+        # zoomed wrong): stage 2 keeps every zoomed sample with its ground truth (RoI-SFT), which teaches the
+        # model the [global | RoI] sequence it has never seen.
+        "mine": {"records": "pool.jsonl", "adapters": "stage1", "out": "mine", "keep": "zoomed",
+                 "target": "ground_truth", "batch_size": 8, "max_new_tokens": 5},
+        "stage2": {"data": "mine/regressions.jsonl", "adapters": "stage1", "out": "stage2",
+                   "train": {**train, "lr": 1e-4}},
     }
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     return out
