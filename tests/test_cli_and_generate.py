@@ -60,9 +60,10 @@ def test_demo_runs_and_writes_pictures(untrained_default, tmp_path, capsys):
         assert "answer=" in answer_line and f"truth={s.answer!r}" in answer_line and f"sample_{i}.png" in answer_line
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"n", "budget", "accuracy", "detail_accuracy", "global_accuracy", "zoom_rate_detail",
-                            "zoom_rate_global", "mean_visual_tokens", "seconds"}
+                            "zoom_rate_global", "mean_visual_tokens", "seconds", "answers"}
     assert (summary["n"], summary["budget"]) == (3, 64) and 0 <= summary["accuracy"] <= 1
     assert "summary: n=3 accuracy=" in text
+    assert len(summary["answers"]) == 3 and all(isinstance(a, str) for a in summary["answers"])
 
 
 def test_demo_without_a_default_says_how_to_get_one(tmp_path, capsys):
