@@ -113,3 +113,42 @@ def test_shipped_default_reproduces_its_record(tmp_path):
     assert len(now["answers"]) == len(recorded["answers"]) and same >= len(recorded["answers"]) - 1
     assert abs(now["accuracy"] - recorded["accuracy"]) <= 1 / recorded["n"] + 1e-9
     assert abs(now["mean_visual_tokens"] - recorded["mean_visual_tokens"]) <= 0.05 * recorded["mean_visual_tokens"]
+
+
+@pytest.mark.parametrize("budget", [64, 256])
+def test_fast_training_inputs_equal_the_processor(budget):
+    """Worker-side uint8 patches + device-side normalisation == the HF processor via spec.chat_inputs."""
+    import torch
+
+    from benchmarks.zoomworld.batches import FastChatInputs
+    from benchmarks.zoomworld.model import FACTOR, new_model
+    from qzoom_adapters.spec import get_spec
+
+    model, processor = new_model()
+    samples = [make_sample(VAL_SEED + i) for i in range(3)]
+    images, questions = [s.image for s in samples], [s.question for s in samples]
+    ref = get_spec(model).chat_inputs(processor, images, questions, pixels=budget * FACTOR**2)
+    fast = FastChatInputs(processor)
+    got = fast(images, questions, budget * FACTOR**2)
+    for key in ("input_ids", "attention_mask", "image_grid_thw") + (("mm_token_type_ids",) if "mm_token_type_ids" in ref
+                                                                     else ()):
+        assert torch.equal(ref[key], got[key]), key
+    assert got["pixel_values_u8"].dtype == torch.uint8
+    torch.testing.assert_close(fast.layout.normalize(got["pixel_values_u8"]), ref["pixel_values"], atol=1e-5, rtol=0)
+
+
+def test_glyph_targets_name_the_character_under_each_feature():
+    """Every glyph target row lies inside its image's features and names a code character of a plate in view."""
+    from benchmarks.zoomworld.model import zoomworld_processor
+    from benchmarks.zoomworld.train import AnswerCollate, StreamDataset
+
+    processor = zoomworld_processor()
+    ds = StreamDataset(4, crop_p=1.0)
+    items = [ds[i] for i in range(4)]
+    batch = AnswerCollate(processor, (256,))(items)
+    grids = batch["inputs"]["image_grid_thw"]
+    total = int((grids[:, 1] * grids[:, 2]).sum()) // 4
+    rows, ids = batch["glyph_rows"], batch["glyph_ids"]
+    assert len(rows) > 0 and int(rows.max()) < total and len(set(rows.tolist())) == len(rows)
+    chars = {c for it in items for c, *_ in it["glyphs"]}
+    assert set(processor.tokenizer.convert_ids_to_tokens(ids.tolist())) <= chars
