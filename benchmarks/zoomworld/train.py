@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .batches import FastChatInputs, PatchLayout
-from .generator import make_scene, scene_questions
+from .generator import TEST_SEED, VAL_SEED, make_scene, scene_questions
 from .model import BUDGETS, FACTOR, new_model
 
 
@@ -48,6 +48,8 @@ class StreamDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, n: int, base: int = 1_000, crop_p: float = CROP_VIEW_P):
+        if base + n > VAL_SEED and base < TEST_SEED + 10**6:
+            raise ValueError(f"training seeds {base}..{base + n} would reach the val/test seeds ({VAL_SEED}+)")
         self.n, self.base, self.crop_p = n, base, crop_p
 
     def __len__(self):
@@ -240,7 +242,8 @@ def train(out, steps: int | None, batch_size: int = 32, lr: float = 1e-3, num_wo
     cfg = TrainSection(lr=lr, weight_decay=0.01, warmup_ratio=0.03, max_steps=steps, batch_size=batch_size,
                        effective_batch=batch_size, save_every=max(1, min(1000, steps)), seed=seed,
                        num_workers=num_workers, log_every=max(1, min(50, steps)))
-    dataset = StreamDataset(steps * batch_size, base=1_000 + (seed % 997) * 10**6 if init else 1_000, crop_p=crop_p)
+    # a continued run draws fresh scenes: seed s > 0 starts the stream at s million (all below the val seeds)
+    dataset = StreamDataset(steps * batch_size, base=1_000 + (seed % 9) * 10**6 if init else 1_000, crop_p=crop_p)
 
     def save(module, out_dir):
         # a bf16 copy is what ships (~12 MB); the training weights stay fp32
