@@ -157,3 +157,23 @@ def char_tokenizer_class():
     Qwen2Tokenizer would rebuild a byte-level BPE on reload, and only the generic base is checked.
     """
     return transformers.PreTrainedTokenizerFast if IS_V5 else transformers.Qwen2TokenizerFast
+
+
+def load_config(path):
+    """AutoConfig of a saved model folder, readable by this transformers line whichever line saved it.
+
+    5.x saves rope settings only as `rope_parameters`; 4.57 reads `rope_scaling` and would build an
+    M-RoPE model without its `mrope_section`. Here 4.57 gets them back from `rope_parameters`.
+    """
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(path)
+    if IS_V5:
+        return cfg
+    for sub in (cfg, getattr(cfg, "text_config", None)):
+        params = getattr(sub, "rope_parameters", None) if sub is not None else None
+        if isinstance(params, dict) and getattr(sub, "rope_scaling", None) is None:
+            sub.rope_scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+            if "rope_theta" in params:
+                sub.rope_theta = params["rope_theta"]
+    return cfg

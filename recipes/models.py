@@ -27,19 +27,19 @@ def load_backbone(section: ModelSection | str, device=None, eval_mode: bool = Tr
     """(model, processor, spec) of an HF model folder, family chosen by its `model_type`."""
     from transformers import AutoProcessor
 
-    from transformers import AutoConfig
+    from backbones import _compat
 
     section = ModelSection(path=section) if isinstance(section, str) else section
     path = section.path.removeprefix("hf:")  # "hf:org/name" is a Hub id (kept as is by the config loader)
     if not section.path.startswith("hf:") and not (Path(path) / "config.json").is_file():
         raise QZoomError(f"{path} is not a Hugging Face model folder (no config.json); write hf:org/name for a Hub id")
-    model_type = AutoConfig.from_pretrained(path).model_type
+    config = _compat.load_config(path)
     device = torch.device(device) if device is not None else default_device()
     dtype = _DTYPES.get(section.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    kw = {"dtype": dtype}
+    kw = {"dtype": dtype, "config": config}
     if section.attn_implementation:
         kw["attn_implementation"] = section.attn_implementation
-    model = spec_class_for(model_type).model_class().from_pretrained(path, **kw).to(device)
+    model = spec_class_for(config.model_type).model_class().from_pretrained(path, **kw).to(device)
     if eval_mode:
         model.eval()
     processor = AutoProcessor.from_pretrained(path)

@@ -75,7 +75,6 @@ def test_default_model_trains_and_saves_a_small_hf_folder(tmp_path):
 
     from benchmarks.zoomworld.model import new_model
     from benchmarks.zoomworld.train import AnswerCollate, StreamDataset, train
-    from qzoom_adapters.spec import get_spec
     from recipes.models import load_backbone
 
     model, processor = new_model()
@@ -152,3 +151,30 @@ def test_glyph_targets_name_the_character_under_each_feature():
     assert len(rows) > 0 and int(rows.max()) < total and len(set(rows.tolist())) == len(rows)
     chars = {c for it in items for c, *_ in it["glyphs"]}
     assert set(processor.tokenizer.convert_ids_to_tokens(ids.tolist())) <= chars
+
+
+def test_a_config_saved_by_5x_loads_on_either_line(tmp_path):
+    """5.x writes rope settings only as `rope_parameters`: load_backbone must still build the same M-RoPE model
+    (4.57 used to lose `mrope_section` and crash)."""
+    import json
+
+    import torch
+
+    from benchmarks.zoomworld.model import new_model
+    from recipes.models import load_backbone
+
+    model, processor = new_model()
+    model.eval().save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    for sub in (cfg, cfg["text_config"]):  # the 5.x form, whichever line wrote it
+        sub.pop("rope_scaling", None)
+        sub.pop("rope_theta", None)
+    cfg["text_config"]["rope_parameters"] = {"mrope_section": [8, 8, 8], "rope_theta": 10000.0, "rope_type": "default",
+                                             "type": "mrope"}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    loaded, _, spec = load_backbone(str(tmp_path), device="cpu")
+    inputs = spec.chat_inputs(processor, [make_sample(VAL_SEED).image], ["What is written on the red plate?"],
+                              pixels=64 * 28 * 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits)

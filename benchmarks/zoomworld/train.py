@@ -82,7 +82,6 @@ class AnswerCollate:
     def __init__(self, processor, budgets=BUDGETS):
         self.processor, self.budgets = processor, budgets
         self.fast = FastChatInputs(processor)
-        tok = processor.tokenizer
         turn = processor.apply_chat_template(
             [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"},
              {"role": "user", "content": "Q"}], add_generation_prompt=True, tokenize=False)
