@@ -2,8 +2,9 @@
 
     python -m benchmarks.zoomworld.train --out zoomworld-model --steps 20000 [--batch-size 32]
 
-Every step draws fresh ZoomWorld samples (seeded: step and batch position fix the sample) at one
-visual-token budget per batch (cycled over BUDGETS), and the loss is on the answer tokens only.
+Every step draws fresh ZoomWorld items (seeded: the index fixes the item) at one visual-token budget
+per batch: a scene with all its questions as one conversation, or a crop around a plate. The loss
+is the answers' cross-entropy plus a dense reading loss on the visual features (`AnswerObjective`).
 Checkpoints, resume and the loss curve (train_log.csv) come from `recipes.trainer.Trainer`.
 """
 from __future__ import annotations
@@ -184,9 +185,13 @@ class AnswerObjective(nn.Module):
         return (total, loss.detach(), glyph.detach()) if parts else total
 
 
-def measure(objective, collate, batch_size: int, num_workers: int, seconds: float = 12.0) -> dict:
-    """Samples/s the loader gives, and the seconds of one forward + backward per budget (to plan a time budget)."""
-    dataset = StreamDataset(10**6, base=5_000_000)
+def measure(objective, collate, batch_size: int, num_workers: int, seconds: float = 12.0,
+            crop_p: float = CROP_VIEW_P) -> dict:
+    """Samples/s the loader gives, and the seconds of one forward + backward per budget (to plan a time budget).
+
+    The loader rate is an upper bound (workers start with full queues): runs planned from it have stopped
+    at 60-70% of their planned steps, so `max_seconds` must stay set beside `plan_seconds`."""
+    dataset = StreamDataset(10**6, base=5_000_000, crop_p=crop_p)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers,
                                          shuffle=False, persistent_workers=False, prefetch_factor=4 if num_workers else None)
     t0, n, first = time.perf_counter(), 0, None
@@ -235,7 +240,7 @@ def train(out, steps: int | None, batch_size: int = 32, lr: float = 1e-3, num_wo
     collate = AnswerCollate(processor, tuple(budgets))
     probe = None
     if plan_seconds is not None:
-        probe = measure(objective, collate, batch_size, num_workers)
+        probe = measure(objective, collate, batch_size, num_workers, crop_p=crop_p)
         steps = max(1, int(0.95 * (plan_seconds - probe["startup_s"]) / probe["step_s"]))
         print(json.dumps({"plan": probe, "steps": steps}, indent=1), flush=True)
     cfg = TrainSection(lr=lr, weight_decay=0.01, warmup_ratio=0.03, max_steps=steps, batch_size=batch_size,
