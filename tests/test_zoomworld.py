@@ -178,3 +178,17 @@ def test_a_config_saved_by_5x_loads_on_either_line(tmp_path):
                               pixels=64 * 28 * 28)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits)
+
+
+def test_recipe_setup_loads_as_a_recipe(tmp_path):
+    """`benchmarks.zoomworld.recipe` writes records the recipes read (boxes on the stage-1 ones) and a valid YAML."""
+    from benchmarks.zoomworld.recipe import write_setup
+    from recipes.config import load_config
+    from recipes.data import read_records
+
+    setup = write_setup(tmp_path / "run", tmp_path / "model", n=2, grid=4)
+    cfg = load_config(setup / "recipe.yaml")
+    stage1, pool = read_records(setup / "records.jsonl"), read_records(setup / "pool.jsonl")
+    assert cfg.K == 4 and cfg.stage2 is not None and cfg.mine.keep == "zoomed"
+    assert len(stage1) == len(pool) == 2 and all(r.box is not None for r in stage1)
+    assert all((setup / r.image).is_file() for r in stage1 + pool) and {r.id for r in stage1}.isdisjoint(r.id for r in pool)

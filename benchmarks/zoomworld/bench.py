@@ -24,11 +24,14 @@ import time
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
-from .generator import split
+from recipes.data import chunks
+from recipes.models import batch_to
+
+from .generator import _font, split
 from .model import BUDGETS, FACTOR
-from .scoring import exact_match, score
+from .scoring import exact_match, mean_or_none, score
 
 QZOOM_BUDGETS = (64, 128, 256)
 QUICK = {"n": 8, "baseline": (64, 256), "qzoom": (64,)}  # a smoke run for tests
@@ -42,30 +45,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _chunks(items: list, size: int):
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
-def _inputs(spec, processor, chunk, budget: int, device) -> dict:
-    inputs = spec.chat_inputs(processor, [s.image for s in chunk], [s.question for s in chunk],
+def view_inputs(spec, processor, samples, budget: int, device) -> dict:
+    """Left-padded processor inputs of `samples` with every image at `budget` visual tokens, on `device`."""
+    inputs = spec.chat_inputs(processor, [s.image for s in samples], [s.question for s in samples],
                               pixels=budget * FACTOR**2)
-    return {k: v.to(device) for k, v in inputs.items()}
-
-
-def _mean(values) -> float | None:
-    values = list(values)
-    return sum(values) / len(values) if values else None
+    return batch_to(inputs, device)
 
 
 @torch.no_grad()
 def run_baseline(model, processor, spec, samples, budget: int, batch_size: int, device) -> tuple[dict, list[bool]]:
     """The plain model at `budget`: (result row, per-sample correctness)."""
     answers, tokens, seconds = [], [], 0.0
-    for chunk in _chunks(samples, batch_size):
+    for chunk in chunks(samples, batch_size):
         _sync(device)
         t0 = time.perf_counter()
-        inputs = _inputs(spec, processor, chunk, budget, device)
+        inputs = view_inputs(spec, processor, chunk, budget, device)
         S = inputs["input_ids"].shape[1]
         seq = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW_TOKENS)
         answers += processor.tokenizer.batch_decode(seq[:, S:], skip_special_tokens=True)
@@ -73,7 +67,7 @@ def run_baseline(model, processor, spec, samples, budget: int, batch_size: int, 
         seconds += time.perf_counter() - t0
         tokens += (inputs["input_ids"] == spec.image_token_id).sum(dim=1).tolist()
     result = score(samples, [{"answer": a} for a in answers])
-    row = {"budget": budget, "accuracy": result["accuracy"], "visual_tokens": _mean(tokens),
+    row = {"budget": budget, "accuracy": result["accuracy"], "visual_tokens": mean_or_none(tokens),
            "latency_s": seconds / len(samples)}
     return row, [exact_match(a, s.answer) for a, s in zip(answers, samples)]
 
@@ -81,10 +75,10 @@ def run_baseline(model, processor, spec, samples, budget: int, batch_size: int, 
 def _zoom_batches(zoom, spec, processor, samples, budget: int, batch_size: int, device) -> tuple[list, float]:
     """Q-Zoom outputs for `samples` with the global view at `budget`, and the seconds they took."""
     outs, seconds = [], 0.0
-    for chunk in _chunks(samples, batch_size):
+    for chunk in chunks(samples, batch_size):
         _sync(device)
         t0 = time.perf_counter()
-        inputs = _inputs(spec, processor, chunk, budget, device)
+        inputs = view_inputs(spec, processor, chunk, budget, device)
         outs += zoom.generate_from_inputs(inputs, [s.image for s in chunk], max_new_tokens=MAX_NEW_TOKENS)
         _sync(device)
         seconds += time.perf_counter() - t0
@@ -98,9 +92,9 @@ def gate_stats(samples, fired: list[bool], baseline_correct: list[bool] | None) 
     glob = [f for s, f in zip(samples, fired) if s.family == "global"]
     wrong = None if baseline_correct is None else [
         f for s, f, ok in zip(samples, fired, baseline_correct) if s.family == "detail" and not ok]
-    return {"fire_rate_detail_baseline_wrong": None if wrong is None else _mean(wrong),
+    return {"fire_rate_detail_baseline_wrong": None if wrong is None else mean_or_none(wrong),
             "detail_baseline_wrong": None if wrong is None else len(wrong),
-            "fire_rate_detail": _mean(detail), "skip_rate_global": _mean(not f for f in glob)}
+            "fire_rate_detail": mean_or_none(detail), "skip_rate_global": mean_or_none(not f for f in glob)}
 
 
 @torch.no_grad()
@@ -125,11 +119,11 @@ def run_qzoom(zoom, processor, samples, budget: int, batch_size: int, device,
     finally:
         zoom.config = saved
     result = score(samples, [{"answer": o.text, "box": b} for o, b in zip(outs, boxes)])
-    return {"budget": budget, "accuracy": result["accuracy"], "visual_tokens": _mean(o.visual_tokens for o in outs),
-            "latency_s": seconds / len(samples), "zoom_rate": _mean(o.zoomed for o in outs),
+    return {"budget": budget, "accuracy": result["accuracy"], "visual_tokens": mean_or_none(o.visual_tokens for o in outs),
+            "latency_s": seconds / len(samples), "zoom_rate": mean_or_none(o.zoomed for o in outs),
             "box_hit_rate": result["box_hit_rate"], "boxes_scored": result["boxes_scored"],
             "detail_without_box": sum(s.family == "detail" and b is None for s, b in zip(samples, boxes)),
-            "box_area_fraction": _mean((b[2] - b[0]) * (b[3] - b[1]) / (s.image.width * s.image.height)
+            "box_area_fraction": mean_or_none((b[2] - b[0]) * (b[3] - b[1]) / (s.image.width * s.image.height)
                                        for s, b in zip(samples, boxes) if s.family == "detail" and b is not None),
             "gate_threshold": gated.gate_threshold, "gate": gate_stats(samples, fired, baseline_correct)}
 
@@ -163,10 +157,6 @@ def metadata(model_dir: Path, n: int, batch_size: int, device: torch.device) -> 
 SERIES_COLOURS = {"baseline": (60, 90, 160), "Q-Zoom": (220, 110, 20)}
 PLOT_SIZE = (760, 500)
 MARGINS = (80, 70, 40, 60)  # left, top, right, bottom: room for tick labels, title and legend
-
-
-def _font(size: int) -> ImageFont.ImageFont:
-    return ImageFont.load_default(size=size)
 
 
 class LogXFrame:

@@ -24,26 +24,24 @@ RECIPE_SEED = 30_000_000  # records for the Q-Zoom stages (training stream < 10M
 K, T = 4, 2
 
 
+def _record(out: Path, s, box: bool = False) -> dict:
+    """Save the sample's image under `out/images/` and return its record (textual mode)."""
+    name = f"images/{s.id}.png"
+    s.image.save(out / name)
+    row = {"id": s.id, "image": name, "question": s.question, "answers": [s.answer], "mode": "textual",
+           "dataset": "zoomworld"}
+    return {**row, "box": list(s.box)} if box else row
+
+
 def write_setup(out, model_dir, n: int = 128, grid: int = 16) -> Path:
     """`images/`, `records.jsonl` (detail questions, textual mode, with boxes) and `recipe.yaml` under `out`."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    rows = []
-    for i in range(n):
-        s = make_sample(RECIPE_SEED + i, "detail")
-        name = f"images/{s.id}.png"
-        s.image.save(out / name)
-        rows.append({"id": s.id, "image": name, "question": s.question, "answers": [s.answer], "mode": "textual",
-                     "dataset": "zoomworld", "box": list(s.box)})
-    write_jsonl(out / "records.jsonl", rows)
-    pool = []  # stage 2: detail and global questions on other scenes
-    for i in range(n):
-        s = make_sample(RECIPE_SEED + 100_000 + i, "detail" if i % 2 == 0 else "global")
-        name = f"images/{s.id}.png"
-        s.image.save(out / name)
-        pool.append({"id": s.id, "image": name, "question": s.question, "answers": [s.answer], "mode": "textual",
-                     "dataset": "zoomworld"})
-    write_jsonl(out / "pool.jsonl", pool)
+    # stage 1: detail questions with their boxes; stage 2: detail and global questions on other scenes
+    write_jsonl(out / "records.jsonl", [_record(out, make_sample(RECIPE_SEED + i, "detail"), box=True)
+                                        for i in range(n)])
+    write_jsonl(out / "pool.jsonl", [_record(out, make_sample(RECIPE_SEED + 100_000 + i, ("detail", "global")[i % 2]))
+                                     for i in range(n)])
     train = {"lr": 1e-3, "batch_size": 8, "effective_batch": 8, "epochs": 3, "save_every": 20, "warmup_ratio": 0.1}
     recipe = {
         "model": {"path": str(Path(model_dir).resolve()), "dtype": "float32"},

@@ -9,6 +9,12 @@ def normalize(text: str | None) -> str:
     return re.sub(r"[^a-z0-9]", "", (text or "").lower())
 
 
+def mean_or_none(values) -> float | None:
+    """The mean of `values` (booleans count 0/1), or None when there are none."""
+    values = list(values)
+    return sum(values) / len(values) if values else None
+
+
 def exact_match(pred: str | None, answer: str) -> bool:
     return normalize(pred) == normalize(answer) and normalize(answer) != ""
 

@@ -15,7 +15,7 @@ from qzoom_adapters.errors import QZoomError
 
 from .generator import TEST_SEED, Sample, make_sample
 from .model import FACTOR
-from .scoring import exact_match, score
+from .scoring import exact_match, mean_or_none, score
 
 DEFAULT_DIR = Path(__file__).parent / "default"
 _NEEDED = ("model/config.json", "adapter_config.json", "adapter_model.safetensors")
@@ -59,10 +59,6 @@ def demo_samples(n: int, start: int = 0) -> list[Sample]:
     return [make_sample(TEST_SEED + start + i, "detail" if i % 2 == 0 else "global") for i in range(n)]
 
 
-def _rate(flags: list[bool]) -> float | None:
-    return sum(flags) / len(flags) if flags else None
-
-
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
@@ -74,7 +70,7 @@ def run_demo(zoom, spec, processor, samples: list[Sample], budget: int, out_dir,
     `out_dir/summary.json`; returns the summary.
     """
     from qzoom_adapters.viz import heatmap_overlay
-    from recipes.models import batch_to
+    from .bench import view_inputs
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -82,8 +78,8 @@ def run_demo(zoom, spec, processor, samples: list[Sample], budget: int, out_dir,
     pixels = budget * FACTOR**2
     zoom.config = zoom.config.model_copy(update={"crop_min_pixels": pixels, "crop_max_pixels": pixels})
     images = [s.image for s in samples]
-    inputs = spec.chat_inputs(processor, images, [s.question for s in samples], pixels=pixels)
-    outs = zoom.generate_from_inputs(batch_to(inputs, zoom.model.device), images, max_new_tokens=max_new_tokens)
+    inputs = view_inputs(spec, processor, samples, budget, zoom.model.device)
+    outs = zoom.generate_from_inputs(inputs, images, max_new_tokens=max_new_tokens)
     seconds = time.perf_counter() - t0
     for i, (s, o) in enumerate(zip(samples, outs)):
         png = out_dir / f"sample_{i}.png"
@@ -94,7 +90,7 @@ def run_demo(zoom, spec, processor, samples: list[Sample], budget: int, out_dir,
         print(f"      gate={gate} zoomed={'yes' if o.zoomed else 'no'} box={o.bbox} visual_tokens={o.visual_tokens}")
         print(f"      answer={o.text!r} truth={s.answer!r} {verdict} -> {png}")
     acc = score(samples, [{"answer": o.text, "box": o.bbox} for o in outs])["accuracy"]
-    zoomed = {fam: _rate([o.zoomed for s, o in zip(samples, outs) if s.family == fam]) for fam in ("detail", "global")}
+    zoomed = {fam: mean_or_none([o.zoomed for s, o in zip(samples, outs) if s.family == fam]) for fam in ("detail", "global")}
     summary = {"n": len(samples), "budget": budget, "accuracy": acc["all"], "detail_accuracy": acc.get("detail"),
                "global_accuracy": acc.get("global"), "zoom_rate_detail": zoomed["detail"],
                "zoom_rate_global": zoomed["global"],
