@@ -177,3 +177,64 @@ def load_config(path):
             if "rope_theta" in params:
                 sub.rope_theta = params["rope_theta"]
     return cfg
+
+
+def attn_implementation(module: torch.nn.Module) -> str | None:
+    """The attention implementation a model (or its text model) was built with."""
+    config = getattr(module, "config", None)
+    return getattr(config, "_attn_implementation", None)
+
+
+_CACHE_KEYS = ("past_key_values", "cache", "past_key_value")
+
+
+def unsupported_decode_kwargs(template: dict) -> list[str]:
+    """Tensor-valued layer kwargs that `decode_layer_kwargs` cannot rebuild for a static decode step."""
+    known = {"attention_mask", "position_embeddings", "cache_position", "position_ids", *_CACHE_KEYS}
+    return sorted(k for k, v in template.items() if k not in known
+                  and (isinstance(v, torch.Tensor) or (isinstance(v, (tuple, list)) and any(isinstance(t, torch.Tensor) for t in v))))
+
+
+def decode_layer_kwargs(template: dict, cache, mask, position_embeddings, position_ids, cache_position) -> dict:
+    """Layer kwargs of one decode step, in the form a prefill's captured `template` shows for this version.
+
+    `position_ids` (axes, B, 1): layers that receive text positions get axis 0.
+    """
+    out = {}
+    for key, value in template.items():
+        if key == "attention_mask":
+            out[key] = mask
+        elif key == "position_embeddings":
+            out[key] = position_embeddings
+        elif key in _CACHE_KEYS:
+            out[key] = cache
+        elif key == "cache_position":
+            out[key] = cache_position
+        elif key == "position_ids":
+            out[key] = None if value is None else position_ids[0].to(value.dtype)
+        elif key == "use_cache":
+            out[key] = True
+        else:
+            out[key] = value
+    return out
+
+
+def rows_kwargs(kwargs: dict, rows: slice) -> dict:
+    """Full-sequence layer kwargs restricted to query rows `rows` (keys keep every column).
+
+    A 4-D mask keeps its key columns up to the last selected row; rotary tables, positions and cache
+    positions are sliced along the sequence. A 2-D padding mask (flash attention) or None stays as is.
+    """
+    out = dict(kwargs)
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+        S = mask.shape[-2]
+        stop = rows.indices(S)[1]
+        out["attention_mask"] = mask[:, :, rows, :stop]
+    if kwargs.get("position_embeddings") is not None:
+        out["position_embeddings"] = tuple(t[..., rows, :] for t in kwargs["position_embeddings"])
+    if isinstance(kwargs.get("position_ids"), torch.Tensor):
+        out["position_ids"] = kwargs["position_ids"][..., rows]
+    if isinstance(kwargs.get("cache_position"), torch.Tensor):
+        out["cache_position"] = kwargs["cache_position"][rows]
+    return out

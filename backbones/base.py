@@ -30,6 +30,15 @@ def image_runs(ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
     return starts.sum(dim=1) + is_img[:, 0]
 
 
+def _heads(x: torch.Tensor, attn, norm: str | None) -> torch.Tensor:
+    """(B, S, n*D) projections -> (B, n, S, D), through the per-head norm `norm` where the attention has one."""
+    B, S, _ = x.shape
+    x = x.view(B, S, -1, attn.head_dim)
+    if norm is not None and getattr(attn, norm, None) is not None:
+        x = getattr(attn, norm)(x)
+    return x.transpose(1, 2)
+
+
 class VisionLanguageSpec(ABC):
     """Defaults for an HF `*ForConditionalGeneration` VLM with a Llama-style decoder.
 
@@ -185,21 +194,30 @@ class VisionLanguageSpec(ABC):
     def call_layer(self, layer, hidden, kwargs) -> torch.Tensor:
         return _compat.layer_output(layer(hidden_states=hidden, **kwargs))
 
+    def rotary_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor):
+        """(cos, sin) the text model hands its layers for `position_ids` in the text model's own shape."""
+        return self.text_model.rotary_emb(hidden, position_ids)
+
     def query_key(self, layer, hidden, kwargs, rows: torch.Tensor):
         """Post-RoPE queries at `rows` (B, R) -> (B, H, R, D), and keys of all positions (B, KV, S, D)."""
         attn = layer.self_attn
         x = layer.input_layernorm(hidden)
-        B, S, _ = x.shape
-        d = attn.head_dim
-        q = attn.q_proj(take_rows(x, rows)).view(B, rows.shape[1], -1, d)
-        k = attn.k_proj(x).view(B, S, -1, d)
-        if getattr(attn, "q_norm", None) is not None:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
         cos, sin = kwargs["position_embeddings"]
+        q = _heads(attn.q_proj(take_rows(x, rows)), attn, "q_norm")
         q, _ = _compat.apply_rope(q, q, take_rows(cos, rows), take_rows(sin, rows), attn)
+        return q, self._keys(attn, x, cos, sin)
+
+    def key_value(self, layer, hidden, kwargs):
+        """Post-RoPE keys and the values of all positions, (B, KV, S, D) each, as the layer caches them."""
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        return self._keys(attn, x, *kwargs["position_embeddings"]), _heads(attn.v_proj(x), attn, None)
+
+    @staticmethod
+    def _keys(attn, x, cos, sin) -> torch.Tensor:
+        k = _heads(attn.k_proj(x), attn, "k_norm")
         k, _ = _compat.apply_rope(k, k, cos, sin, attn)
-        return q, k
+        return k
 
     def sink_mask(self, h_t: int, w_t: int, **ctx) -> torch.Tensor:
         """Cells to keep (1) in the heatmap; default: all."""

@@ -6,6 +6,8 @@ import copy
 import torch
 from torch import nn
 
+from backbones import _compat
+
 from .errors import QZoomError
 from .spec import get_spec
 
@@ -65,3 +67,25 @@ class Branch(nn.Module):
     def run_body(self, hidden: torch.Tensor, kwargs: dict, trunk, n: int) -> torch.Tensor:
         """Run the first `n` branch layers in full (no cache)."""
         return trunk.run_layers(self.layers[:n], hidden, kwargs)
+
+    def last_row(self, spec, hidden: torch.Tensor, kwargs: dict, trunk) -> torch.Tensor:
+        """(B, D) output of the last branch layer at the last position, computing only that row (SPEC §1.2).
+
+        The layers before the last run in full; the last layer gets the keys/values of the earlier rows
+        in a cache (projected by `spec.key_value`) and runs its own forward on the last row alone.
+        """
+        h = self.run_body(hidden, kwargs, trunk, self.T - 1)
+        layer = self.layers[-1]
+        k, v = spec.key_value(layer, h[:, :-1], _compat.rows_kwargs(kwargs, slice(None, -1)))
+        row_kwargs = _compat.with_cache(_compat.rows_kwargs(kwargs, slice(-1, None)), _PrefixKV(k, v))
+        return spec.call_layer(layer, h[:, -1:], row_kwargs)[:, -1]
+
+
+class _PrefixKV:
+    """Duck-typed HF cache holding one layer's keys/values of earlier rows; `update` appends the new rows."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.keys, self.values = keys, values
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        return torch.cat([self.keys, key_states], dim=2), torch.cat([self.values, value_states], dim=2)

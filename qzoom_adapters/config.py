@@ -35,6 +35,9 @@ class ZoomConfig(_Tolerant):
     crop_min_pixels: int | None = Field(None, ge=1, description="None = the global view's min_pixels")
     crop_max_pixels: int | None = Field(None, ge=1, description="None = the global view's max_pixels")
     emit_direct: bool = Field(False, description="also decode the direct answer when zoomed")
+    decode: Literal["auto", "cuda_graph", "static", "dynamic"] = Field(
+        "auto", description="decode loop: a CUDA graph of one step over static buffers (auto on CUDA with sdpa or "
+        "eager attention), the same step without a graph, or the text model's own forward per token")
 
     @model_validator(mode="after")
     def _check(self):

@@ -1,7 +1,34 @@
-"""Our own greedy decode loop over a prepared KV cache."""
+"""Our own greedy decoding over prepared KV caches, without a host sync per token.
+
+All rows that need decoding (the direct rows and the zoomed rows of one batch) are merged into one
+batch, right-aligned in one cache (`DecodeRows.merge`), and decoded together:
+
+* `static` / `cuda_graph`: the cache is copied into preallocated buffers (`StaticKV`, a duck-typed HF
+  cache whose `update` writes at a device-side column index). One decode step (embed -> rotary ->
+  decoder layers -> norm -> head -> argmax -> bookkeeping) then touches only fixed tensors, so on CUDA it
+  is captured once in a CUDA graph and replayed per token; `static` runs the same step eagerly.
+* `dynamic`: the backbone's own text model with an HF `DynamicCache`, one call per token: the fallback
+  for anything the static step cannot run (e.g. flash-attention's unpadding, a capture error).
+
+Tokens stay on the device; `done.all()` is read once every `CHECK_EVERY` steps (early exit on EOS) and
+the tokens come back to the host once at the end.
+"""
 from __future__ import annotations
 
+import functools
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+
 import torch
+
+from backbones import _compat
+from . import timing
+
+CHECK_EVERY = 16  # steps between host reads of "every row has finished"
+SEQ_BUCKET = 64  # static buffers round their length up to this, so shapes (and graphs) repeat
+MAX_STATES = 4  # static buffer sets (and graphs) kept per decoder
+DECODE_MODES = ("auto", "cuda_graph", "static", "dynamic")
 
 
 def eos_ids(model) -> set[int]:
@@ -12,30 +39,237 @@ def eos_ids(model) -> set[int]:
     return {int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])}
 
 
-def greedy(trunk, first_logits, attention_mask, last_pos, cache, max_new_tokens: int, eos: set[int]):
-    """Greedy tokens per sample, each cut after its first EOS.
+@dataclass
+class DecodeRows:
+    """Rows ready to decode: logits after the prompt, the cached sequence and where it stands.
 
-    Args:
-        first_logits: (B, V) logits after the prompt; attention_mask: (B, S) of the cached sequence;
-        last_pos: (axes, B) position of the last prompt token (decode step n gets last_pos + n).
+    first: (R, V) logits; mask: (R, S) attention mask of the cached columns; last_pos: (axes, R)
+    position of the last prompt token (decode step n gets last_pos + n); kvs: per layer (keys, values),
+    each (R, KV, S, D).
     """
-    B = first_logits.shape[0]
-    tok = first_logits.argmax(-1)
-    steps = [tok]
-    done = torch.zeros(B, dtype=torch.bool, device=tok.device)
-    eos_t = torch.tensor(sorted(eos), device=tok.device, dtype=tok.dtype) if eos else None
-    for n in range(1, max_new_tokens):
-        if eos_t is not None:
-            done |= torch.isin(tok, eos_t)
-            if bool(done.all()):
+
+    first: torch.Tensor
+    mask: torch.Tensor
+    last_pos: torch.Tensor
+    kvs: list
+
+    @classmethod
+    def from_cache(cls, first, mask, last_pos, cache, n_layers: int) -> "DecodeRows":
+        return cls(first, mask, last_pos, [_compat.cache_kv(cache, i) for i in range(n_layers)])
+
+    @staticmethod
+    def merge(groups: list["DecodeRows"]) -> "DecodeRows":
+        """One batch of all groups' rows, each right-aligned in a common cache length (left padding)."""
+        if len(groups) == 1:
+            return groups[0]
+        S = max(g.mask.shape[1] for g in groups)
+
+        def left_pad(t: torch.Tensor, dim: int) -> torch.Tensor:
+            pad = S - t.shape[dim]
+            if pad == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = pad
+            return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+        dtype = functools.reduce(torch.promote_types, [g.last_pos.dtype for g in groups])
+        return DecodeRows(
+            first=torch.cat([g.first for g in groups]),
+            mask=torch.cat([left_pad(g.mask, 1) for g in groups]),
+            last_pos=torch.cat([g.last_pos.to(dtype) for g in groups], dim=1),
+            kvs=[tuple(torch.cat([left_pad(g.kvs[i][j], 2) for g in groups]) for j in (0, 1))
+                 for i in range(len(groups[0].kvs))],
+        )
+
+
+class StaticKV:
+    """Preallocated per-layer keys/values; `update` writes the step's K/V at column `cpos` (a device tensor).
+
+    Duck-types the one method of an HF cache that decoder layers call, so the backbone's own layers run on it.
+    """
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], cpos: torch.Tensor):
+        self.keys, self.values, self.cpos = keys, values, cpos
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        self.keys[layer_idx].index_copy_(2, self.cpos, key_states)
+        self.values[layer_idx].index_copy_(2, self.cpos, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+class _StaticState:
+    """Fixed tensors of one (batch, length, steps) shape: cache buffers, mask, token, positions, outputs."""
+
+    def __init__(self, rows: DecodeRows, n_steps: int, s_max: int, mask_dtype, eos: tuple[int, ...], device):
+        B = rows.first.shape[0]
+        self.eos = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
+        self.s_max, self.n_steps = s_max, n_steps
+        self.cpos = torch.zeros(1, dtype=torch.long, device=device)
+        self.kv = StaticKV([torch.zeros(B, k.shape[1], s_max, k.shape[3], dtype=k.dtype, device=device) for k, _ in rows.kvs],
+                           [torch.zeros(B, v.shape[1], s_max, v.shape[3], dtype=v.dtype, device=device) for _, v in rows.kvs],
+                           self.cpos)
+        self.boolean = mask_dtype == torch.bool
+        self.allow = True if self.boolean else 0.0
+        block = False if self.boolean else torch.finfo(mask_dtype).min
+        self.block = block
+        self.mask = torch.full((B, 1, 1, s_max), block, dtype=mask_dtype, device=device)
+        self.tok = torch.zeros(B, dtype=torch.long, device=device)
+        self.pos = torch.zeros(rows.last_pos.shape[0], B, 1, dtype=rows.last_pos.dtype, device=device)
+        self.step = torch.zeros(1, dtype=torch.long, device=device)
+        self.out = torch.zeros(B, n_steps, dtype=torch.long, device=device)
+        self.done = torch.zeros(B, dtype=torch.bool, device=device)
+        self.graph = None
+
+    def load(self, rows: DecodeRows, tok: torch.Tensor) -> None:
+        """Copy one batch's cache into columns [0, S) and reset the step state to "first token emitted"."""
+        S = rows.mask.shape[1]
+        for buf, (k, v) in zip(zip(self.kv.keys, self.kv.values), rows.kvs):
+            buf[0][:, :, :S].copy_(k)
+            buf[1][:, :, :S].copy_(v)
+        allowed = rows.mask.bool()[:, None, None, :]
+        self.mask.fill_(self.block)
+        self.mask[..., :S].masked_fill_(allowed, self.allow)
+        self.tok.copy_(tok)
+        self.pos.copy_((rows.last_pos + 1)[:, :, None])
+        self.cpos.fill_(S)
+        self.step.fill_(1)
+        self.out[:, 0] = tok
+        self.done.copy_(torch.isin(tok, self.eos) if self.eos is not None else torch.zeros_like(self.done))
+
+
+class Decoder:
+    """Greedy decoding for one backbone; keeps static buffers and CUDA graphs between calls."""
+
+    def __init__(self, spec, trunk, mode: str = "auto"):
+        if mode not in DECODE_MODES:
+            raise ValueError(f"decode mode must be one of {DECODE_MODES}, got {mode!r}")
+        self.spec, self.trunk, self.mode = spec, trunk, mode
+        self._states: OrderedDict = OrderedDict()
+        self.last_mode: str | None = None  # what the last call actually ran (after fallbacks)
+
+    # --- which path -------------------------------------------------------------------------------
+    def _choose(self, device: torch.device) -> str:
+        if self.mode != "auto":
+            return self.mode
+        attn = _compat.attn_implementation(self.spec.text_model)
+        if device.type == "cuda" and attn in ("sdpa", "eager"):
+            return "cuda_graph"
+        return "dynamic"
+
+    # --- entry point ----------------------------------------------------------------------------------
+    def greedy(self, rows: DecodeRows, max_new_tokens: int, eos: set[int], template: dict) -> list[list[int]]:
+        """Greedy tokens per row, each cut after its first EOS. `template`: layer kwargs of the prefill."""
+        tok = rows.first.argmax(-1)
+        eos_t = torch.tensor(sorted(eos), device=tok.device, dtype=tok.dtype) if eos else None
+        mode = self._choose(tok.device)
+        unknown = _compat.unsupported_decode_kwargs(template) if mode in ("static", "cuda_graph") else []
+        if unknown:
+            warnings.warn(f"the static decode step cannot rebuild layer inputs {unknown}; decoding dynamically",
+                          stacklevel=2)
+            mode = "dynamic"
+        with timing.stage("decode"):
+            if max_new_tokens <= 1:
+                seq, mode = tok[:, None], "none"
+            elif mode == "dynamic":
+                seq = self._dynamic(rows, tok, eos_t, max_new_tokens)
+            else:
+                seq, mode = self._static(rows, tok, tuple(sorted(eos)), max_new_tokens, template, mode == "cuda_graph")
+            seq = seq.tolist()  # the one host transfer
+        timing.count("decode_steps", len(seq[0]) if seq else 0)
+        self.last_mode = mode
+        out = []
+        for row in seq:
+            cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+            out.append(row[:cut])
+        return out
+
+    # --- dynamic: the text model's own forward per token ---------------------------------------------
+    def _dynamic(self, rows: DecodeRows, tok, eos_t, n_steps: int) -> torch.Tensor:
+        cache = _compat.cache_from_kv(list(rows.kvs))
+        B = tok.shape[0]
+        mask, steps = rows.mask, [tok]
+        done = torch.isin(tok, eos_t) if eos_t is not None else None
+        for n in range(1, n_steps):
+            if done is not None and n % CHECK_EVERY == 0 and bool(done.all()):
                 break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)
-        pos = (last_pos + n)[:, :, None]
-        tok = trunk.step(tok, attention_mask, pos, cache).argmax(-1)
-        steps.append(tok)
-    seq = torch.stack(steps, dim=1).tolist()
-    out = []
-    for row in seq:
-        cut = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
-        out.append(row[:cut])
-    return out
+            mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+            tok = self.trunk.step(tok, mask, (rows.last_pos + n)[:, :, None], cache).argmax(-1)
+            steps.append(tok)
+            if done is not None:
+                done |= torch.isin(tok, eos_t)
+        return torch.stack(steps, dim=1)
+
+    # --- static buffers (+ CUDA graph) ----------------------------------------------------------------
+    def _state(self, rows: DecodeRows, n_steps: int, mask_dtype, eos: tuple[int, ...], graph: bool) -> _StaticState:
+        S = rows.mask.shape[1]
+        s_max = -(-(S + n_steps) // SEQ_BUCKET) * SEQ_BUCKET
+        k0 = rows.kvs[0][0]
+        key = (rows.first.shape[0], s_max, n_steps, mask_dtype, rows.last_pos.dtype, rows.last_pos.shape[0],
+               k0.dtype, k0.device, eos, graph)
+        state = self._states.pop(key, None)
+        if state is None:
+            state = _StaticState(rows, n_steps, s_max, mask_dtype, eos, k0.device)
+            while len(self._states) >= MAX_STATES:
+                self._states.popitem(last=False)
+        self._states[key] = state
+        return state
+
+    def _static(self, rows: DecodeRows, tok, eos: tuple[int, ...], n_steps: int, template: dict, graph: bool):
+        mask_t = template.get("attention_mask")
+        mask_dtype = mask_t.dtype if isinstance(mask_t, torch.Tensor) and mask_t.is_floating_point() else torch.bool
+        state = self._state(rows, n_steps, mask_dtype, eos, graph)
+        mode = "static"
+        if graph and state.graph is None:
+            try:
+                state.graph = self._capture(state, template)
+            except Exception as err:  # noqa: BLE001 - any capture failure falls back to the eager static step
+                warnings.warn(f"CUDA graph capture of the decode step failed ({type(err).__name__}: {err}); "
+                              "decoding without a graph", stacklevel=3)
+                state.graph = False
+        state.load(rows, tok)
+        use_graph = bool(state.graph)
+        for n in range(1, n_steps):
+            if eos and n % CHECK_EVERY == 0 and bool(state.done.all()):
+                return state.out[:, :n].clone(), mode
+            if use_graph:
+                state.graph.replay()
+            else:
+                self._step(state, template)
+        return state.out.clone(), ("cuda_graph" if use_graph else mode)
+
+    def _step(self, st: _StaticState, template: dict) -> None:
+        """One greedy step for every row, entirely on fixed tensors (capturable)."""
+        spec = self.spec
+        st.mask.index_fill_(-1, st.cpos, st.allow)
+        h = spec.embed_tokens(st.tok[:, None])
+        rotary = spec.rotary_embeddings(h, self.trunk.model_positions(st.pos))
+        kwargs = _compat.decode_layer_kwargs(template, st.kv, st.mask, rotary, st.pos, st.cpos)
+        for layer in spec.layers:
+            h = spec.call_layer(layer, h, kwargs)
+        nxt = spec.lm_head(spec.norm(h[:, -1])).argmax(-1)
+        if st.eos is not None:
+            st.done |= torch.isin(nxt, st.eos)
+        st.out.index_copy_(1, st.step, nxt[:, None])
+        st.tok.copy_(nxt)
+        st.pos.add_(1)
+        st.cpos.add_(1)
+        st.step.add_(1)
+
+    def _capture(self, st: _StaticState, template: dict):
+        """Warm the step up on a side stream, then capture it; the state is reloaded before use."""
+        st.cpos.fill_(0)
+        st.step.fill_(0)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                st.cpos.fill_(0)
+                st.step.fill_(0)
+                self._step(st, template)
+        torch.cuda.current_stream().wait_stream(side)
+        st.cpos.fill_(0)
+        st.step.fill_(0)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._step(st, template)
+        return graph

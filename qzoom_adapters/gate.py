@@ -22,6 +22,9 @@ class DynamicGate(Branch):
         return super().from_backbone(model, K, T, hidden_size=get_spec(model).hidden_size)
 
     def logits(self, spec, hidden: torch.Tensor, kwargs: dict, trunk) -> torch.Tensor:
-        """(B,) gate logits; `z` is the last gate layer's output at the last token, without final norm."""
-        z = self.run_body(hidden, kwargs, trunk, self.T)[:, -1]
+        """(B,) gate logits; `z` is the last gate layer's output at the last token, without final norm.
+
+        Only that row of the last gate layer is computed (`Branch.last_row`); the result is the same.
+        """
+        z = self.last_row(spec, hidden, kwargs, trunk)
         return self.head(z).float().squeeze(-1)

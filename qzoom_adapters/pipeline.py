@@ -1,7 +1,8 @@
 """The gated two-pass decoder (SPEC §3.3), batched with per-sample decisions.
 
 Reads top to bottom: inputs -> pass A to layer K -> gate -> twig -> RoI box and crop ->
-RoI sequence and positions -> pass B reusing the cache of layers < K -> decode.
+RoI sequence and positions -> pass B reusing the cache of layers < K -> decode (the direct and the
+zoomed rows of a batch in one decode loop).
 """
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ from torch import nn
 
 from backbones import _compat
 from .config import ZoomConfig
-from .decode import eos_ids, greedy
+from .decode import Decoder, DecodeRows, eos_ids
 from .errors import QZoomError
 from .gate import DynamicGate
 from .outputs import ZoomOutput
 from .positions import roi_sequence
 from .roi import Crop, box_to_pixels, check_source_image, clip_box_to_grid, roi_from_heatmap
 from .spec import get_spec
+from .timing import stage
 from .trunk import Prefill, Trunk
 from .twig import TwigRPN
 
@@ -71,6 +73,7 @@ class QZoom:
         if twig is not None and gate is not None and twig.K != gate.K:
             raise QZoomError(f"twig (K={twig.K}) and gate (K={gate.K}) must branch at the same layer")
         self.config = config or ZoomConfig()
+        self.decoder = Decoder(self.spec, self.trunk)
 
     @property
     def K(self) -> int:
@@ -109,18 +112,29 @@ class QZoom:
         return self.generate_from_inputs(inputs, images, max_new_tokens=max_new_tokens, return_trace=return_trace)
 
     @torch.no_grad()
-    def generate_from_inputs(self, inputs, images: list, max_new_tokens: int = 32, return_trace: bool = False):
-        """Gated greedy answers for processed, left-padded `inputs`; `images` are the source PIL images."""
+    def generate_from_inputs(self, inputs, images: list, max_new_tokens: int = 32, return_trace: bool = False,
+                             force_zoom: list[bool] | None = None):
+        """Gated greedy answers for processed, left-padded `inputs`; `images` are the source PIL images.
+
+        `force_zoom`: per-sample decisions that replace the gate's (the gate still runs and reports its
+        probability); for benchmarks and ablations.
+        """
         cfg = self.config
         a = self._pass_a(inputs, images)
         B = a.ids.shape[0]
         gate_prob = self._gate(a)
-        want_zoom = self._zoom_decisions(gate_prob, B)
+        want_zoom = self._zoom_decisions(gate_prob, B, force_zoom)
         heatmaps, blurred, crops = self._twig_crops(a, images, want_zoom)
 
-        roi = self._roi_pass(a, crops, max_new_tokens) if crops else {}
-        direct_rows = [i for i in range(B) if i not in roi or cfg.emit_direct]
-        direct = self._direct_pass(a, direct_rows, max_new_tokens) if direct_rows else {}
+        groups, roi_seqs = {}, {}
+        if crops:
+            groups["roi"], roi_seqs = self._roi_pass(a, crops)
+        direct_rows = [i for i in range(B) if i not in crops or cfg.emit_direct]
+        if direct_rows:
+            groups["direct"] = self._direct_pass(a, direct_rows)
+        answers = self._decode(groups, max_new_tokens)
+        roi = {i: ans + (roi_seqs[i],) for i, ans in answers.get("roi", {}).items()}
+        direct = answers.get("direct", {})
         return [self._output(i, a, gate_prob, heatmaps, blurred, crops, roi, direct, return_trace) for i in range(B)]
 
     # --- pass A: vision + layers 0..K-1 --------------------------------------------------
@@ -135,9 +149,16 @@ class QZoom:
     def _gate(self, a: Prefill) -> torch.Tensor | None:
         if self.gate is None:
             return None
-        return torch.sigmoid(self.gate.logits(self.spec, a.hK, a.kwargs, self.trunk))
+        with stage("gate"):
+            return torch.sigmoid(self.gate.logits(self.spec, a.hK, a.kwargs, self.trunk))
 
-    def _zoom_decisions(self, gate_prob, B: int) -> list[bool]:
+    def _zoom_decisions(self, gate_prob, B: int, force_zoom=None) -> list[bool]:
+        if force_zoom is not None:
+            if len(force_zoom) != B:
+                raise QZoomError(f"force_zoom has {len(force_zoom)} decisions for a batch of {B}")
+            if any(force_zoom) and self.twig is None:
+                raise QZoomError("force_zoom asks to zoom, but this QZoom has no twig to find the region")
+            return [bool(z) for z in force_zoom]
         if self.twig is None:
             return [False] * B
         if gate_prob is None:
@@ -149,37 +170,49 @@ class QZoom:
         heatmaps, blurred, crops = {}, {}, {}
         if not any(want_zoom):
             return heatmaps, blurred, crops
-        cfg, spec = self.config, self.spec
-        rows = [i for i, z in enumerate(want_zoom) if z]
-        sel = torch.tensor(rows, device=a.ids.device)
-        first = a.mask[sel].argmax(dim=1)  # first real token (left padding)
-        scores, first_scores = self.twig.query_scores(spec, a.hK[sel], a.rows_kwargs(self.trunk, sel), self.trunk, first)
-        maps = a.image_logits(scores, spec.image_token_id, spec, rows)
-        first_maps = a.image_logits(first_scores, spec.image_token_id, spec, rows)
-        for j, i in enumerate(rows):
-            blur, crop = crop_from_heatmap(spec, maps[j], first_maps[j], images[i], self.image_processor, cfg)
-            heatmaps[i], blurred[i] = maps[j].cpu(), blur.cpu()
-            if crop is not None:  # an empty mask answers directly
-                crops[i] = crop
+        with stage("twig"):
+            cfg, spec = self.config, self.spec
+            rows = [i for i, z in enumerate(want_zoom) if z]
+            sel = torch.tensor(rows, device=a.ids.device)
+            first = a.mask[sel].argmax(dim=1)  # first real token (left padding)
+            scores, first_scores = self.twig.query_scores(spec, a.hK[sel], a.rows_kwargs(self.trunk, sel), self.trunk,
+                                                          first)
+            maps = [m.cpu() for m in a.image_logits(scores, spec.image_token_id, spec, rows)]
+            first_maps = [m.cpu() for m in a.image_logits(first_scores, spec.image_token_id, spec, rows)]
+            for j, i in enumerate(rows):
+                blur, crop = crop_from_heatmap(spec, maps[j], first_maps[j], images[i], self.image_processor, cfg)
+                heatmaps[i], blurred[i] = maps[j], blur
+                if crop is not None:  # an empty mask answers directly
+                    crops[i] = crop
         return heatmaps, blurred, crops
 
     # --- direct path: layers K..L-1 on the same sequence ------------------------------------
-    def _direct_pass(self, a: Prefill, rows: list[int], max_new_tokens: int) -> dict:
-        if len(rows) == a.ids.shape[0]:  # the whole batch: continue on pass A's own cache
-            return self._finish(a.hK, a.kwargs, a.cache, a.mask, a.pos, rows, max_new_tokens)
-        sel = torch.tensor(rows, device=a.ids.device)
-        return self._finish(a.hK[sel], a.rows_kwargs(self.trunk, sel), a.rows_cache(sel, self.K),
-                            a.mask[sel], a.pos[:, sel], rows, max_new_tokens)
+    def _direct_pass(self, a: Prefill, rows: list[int]) -> tuple[list[int], DecodeRows, dict]:
+        with stage("direct_pass"):
+            if len(rows) == a.ids.shape[0]:  # the whole batch: continue on pass A's own cache
+                return rows, self._finish(a.hK, a.kwargs, a.cache, a.mask, a.pos), a.kwargs
+            sel = torch.tensor(rows, device=a.ids.device)
+            kwargs = a.rows_kwargs(self.trunk, sel)
+            return rows, self._finish(a.hK[sel], kwargs, a.rows_cache(sel, self.K), a.mask[sel], a.pos[:, sel]), kwargs
 
-    def _finish(self, hK, kwargs, cache, mask, pos, rows, max_new_tokens) -> dict:
-        """Layers K..L-1 over the whole sequence, then greedy decoding; per-sample results."""
+    def _finish(self, hK, kwargs, cache, mask, pos) -> DecodeRows:
+        """Layers K..L-1 over the whole sequence (filling `cache`); the rows' first logits and cache."""
         h = self.trunk.run_layers(self.spec.layers[self.K :], hK, kwargs, cache)
         first = self.trunk.logits(h[:, -1])
-        tokens = greedy(self.trunk, first, mask, pos[:, :, -1], cache, max_new_tokens, eos_ids(self.model))
-        return {i: (tokens[j], first[j].cpu()) for j, i in enumerate(rows)}
+        return DecodeRows.from_cache(first, mask, pos[:, :, -1], cache, len(self.spec.layers))
+
+    # --- decode: every row of the batch in one loop --------------------------------------------
+    def _decode(self, groups: dict, max_new_tokens: int) -> dict:
+        """Greedy tokens for every group's rows in one loop: {group: {row: (tokens, first logits)}}."""
+        merged = DecodeRows.merge([rows for _, rows, _ in groups.values()])
+        self.decoder.mode = self.config.decode
+        template = next(iter(groups.values()))[2]  # layer kwargs of a prefill: their form for this version
+        tokens = iter(self.decoder.greedy(merged, max_new_tokens, eos_ids(self.model), template))
+        return {name: {i: (next(tokens), rows.first[n]) for n, i in enumerate(idx)}
+                for name, (idx, rows, _) in groups.items()}
 
     # --- RoI path ------------------------------------------------------------------------------
-    def _roi_pass(self, a: Prefill, crops: dict, max_new_tokens: int) -> dict:
+    def _roi_pass(self, a: Prefill, crops: dict) -> tuple[tuple[list[int], DecodeRows, dict], dict]:
         """Pass B for the zoomed samples, batched with the prefixes kept at their pass-A columns.
 
         Layout per sample: [left pad | prefix (cached) | middle pad | suffix]; every prefix ends
@@ -189,10 +222,16 @@ class QZoom:
         rows = sorted(crops)
         if self.image_processor is None:
             raise QZoomError("zooming re-encodes the crop: pass `image_processor=` (or a processor) to QZoom")
-        enc = spec.process_crops(self.image_processor, [crops[i].image for i in rows],
-                                 cfg.crop_min_pixels, cfg.crop_max_pixels)
-        enc = {k: v.to(a.ids.device) for k, v in enc.items()}
-        roi_feats = spec.encode_images(enc["pixel_values"], enc["image_grid_thw"])
+        with stage("crop_encode"):
+            enc = spec.process_crops(self.image_processor, [crops[i].image for i in rows],
+                                     cfg.crop_min_pixels, cfg.crop_max_pixels)
+            enc = {k: v.to(a.ids.device) for k, v in enc.items()}
+            roi_feats = spec.encode_images(enc["pixel_values"], enc["image_grid_thw"])
+        with stage("roi_pass"):
+            return self._roi_layers(a, rows, crops, enc, roi_feats)
+
+    def _roi_layers(self, a: Prefill, rows: list[int], crops: dict, enc: dict, roi_feats):
+        spec, mode = self.spec, self.position_mode
         seqs = []
         for j, i in enumerate(rows):
             valid = a.mask[i].bool()
@@ -224,8 +263,7 @@ class QZoom:
         hK = torch.cat([a.hK[sel, :C], hK_suffix], dim=1)
         embeds = torch.cat([a.embeds[sel, :C], suffix_embeds], dim=1)
         kwargs = self.trunk.layer_kwargs(embeds, mask, pos)
-        out = self._finish(hK, kwargs, cache, mask, pos, rows, max_new_tokens)
-        return {i: out[i] + (q,) for i, q in zip(rows, seqs)}
+        return (rows, self._finish(hK, kwargs, cache, mask, pos), kwargs), dict(zip(rows, seqs))
 
     # --- per-sample output ---------------------------------------------------------------------
     def _output(self, i, a: Prefill, gate_prob, heatmaps, blurred, crops, roi, direct, return_trace) -> ZoomOutput:
@@ -237,7 +275,7 @@ class QZoom:
         n_roi = int((roi[i][2].ids == self.spec.image_token_id).sum()) - n_global if zoomed else 0  # ids hold both
         out = ZoomOutput(
             tokens=tokens,
-            text=self._decode(tokens),
+            text=self._detokenize(tokens),
             zoomed=zoomed,
             gate_prob=None if gate_prob is None else float(gate_prob[i]),
             heatmap=heatmaps.get(i),
@@ -245,7 +283,7 @@ class QZoom:
             visual_tokens=n_global + n_roi,
             direct_tokens=d_tokens,
             roi_tokens=r_tokens,
-            direct_text=self._decode(d_tokens),
+            direct_text=self._detokenize(d_tokens),
         )
         if return_trace:
             out.trace = {
@@ -257,12 +295,12 @@ class QZoom:
                 "roi_image_grid_thw": roi[i][2].grid.cpu() if zoomed else None,
                 "roi_input_ids": roi[i][2].ids.cpu() if zoomed else None,
                 "roi_position_ids": roi[i][2].pos.float().cpu() if zoomed else None,
-                "first_logits": first,
-                "direct_first_logits": d_first,
+                "first_logits": None if first is None else first.cpu(),
+                "direct_first_logits": None if d_first is None else d_first.cpu(),
             }
         return out
 
-    def _decode(self, tokens):
+    def _detokenize(self, tokens):
         tok = self.tokenizer
         if tokens is None or tok is None:
             return None

@@ -14,6 +14,7 @@ from backbones import _compat
 from .errors import QZoomError
 from .hooks import run_until
 from .spec import VisualFeatures
+from .timing import stage
 
 
 @dataclass
@@ -77,8 +78,10 @@ class Trunk:
         if not bool(mask[:, -1].all()):
             raise QZoomError("inputs are right-padded; tokenize with padding_side='left'")
         grid = spec.image_grids(inputs)
-        embeds, pos, feats, extra = self.encode(ids, mask, inputs["pixel_values"], grid)
-        hK, kwargs = self.forward_to(stop, embeds, mask, pos, cache, extra)
+        with stage("vision"):
+            embeds, pos, feats, extra = self.encode(ids, mask, inputs["pixel_values"], grid)
+        with stage("pass_a"):
+            hK, kwargs = self.forward_to(stop, embeds, mask, pos, cache, extra)
         return Prefill(ids, mask, pos, embeds, hK, kwargs, cache, grid, feats)
 
     def encode(self, ids, mask, pixel_values, grids, pos=None):
