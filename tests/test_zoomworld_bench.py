@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from benchmarks.zoomworld import bench
-from benchmarks.zoomworld.bench import PLOT_SIZE, SERIES_COLOURS, LogXFrame, pareto_plot, run_baseline, run_qzoom
+from benchmarks.plots import PLOT_SIZE, SERIES_COLOURS, LogXFrame, line_plot
+from benchmarks.zoomworld.bench import run_baseline, run_qzoom
 from benchmarks.zoomworld.generator import split
 from benchmarks.zoomworld.shipped import load_default, write_untrained_default
 from recipes.cli import main
@@ -72,7 +73,7 @@ def test_skipped_detail_questions_still_get_the_twig_box(model):
 
 def test_pareto_plot_maps_points_inside_and_in_order():
     series = {"baseline": [(54, 0.1, "64"), (240, 0.35, "256"), (1000, 0.9, "1024")], "Q-Zoom": [(90, 0.6, "64")]}
-    img = pareto_plot(series, "test")
+    img = line_plot(series, "test")
     frame = LogXFrame([x for points in series.values() for x, _, _ in points])
     assert img.size == frame.size and (frame.lo, frame.hi) == (32, 1024)
     for name, points in series.items():

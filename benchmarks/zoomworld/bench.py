@@ -16,20 +16,18 @@ Writes a JSON report, a Markdown table (`.md`) and a Pareto plot (`.png`, drawn 
 from __future__ import annotations
 
 import json
-import math
-import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
 
 from recipes.data import chunks
 from recipes.models import batch_to
 
-from .generator import _font, split
+from benchmarks.plots import line_plot
+from benchmarks.provenance import git_commit, machine
+
+from .generator import split
 from .model import BUDGETS, FACTOR
 from .scoring import exact_match, mean_or_none, score
 
@@ -129,95 +127,15 @@ def run_qzoom(zoom, processor, samples, budget: int, batch_size: int, device,
 
 
 # --- metadata --------------------------------------------------------------------------------
-def git_commit() -> str | None:
-    """This checkout's commit (`git rev-parse HEAD`), or None without git or outside a repository."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
 def metadata(model_dir: Path, n: int, batch_size: int, device: torch.device) -> dict:
     """Where the numbers come from: commit, machine, versions, run size and the model folder's record.json."""
     import transformers
 
     record = model_dir / "record.json"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return {"git_commit": git_commit(),
-            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "device": str(device),
-                        "device_name": name},
+    return {"git_commit": git_commit(), "machine": machine(device),
             "torch": torch.__version__, "transformers": transformers.__version__, "n": n, "split": "test",
             "batch_size": batch_size, "max_new_tokens": MAX_NEW_TOKENS, "model_dir": str(model_dir),
             "record": json.loads(record.read_text()) if record.is_file() else None}
-
-
-# --- Pareto plot (PIL) -------------------------------------------------------------------------
-SERIES_COLOURS = {"baseline": (60, 90, 160), "Q-Zoom": (220, 110, 20)}
-PLOT_SIZE = (760, 500)
-MARGINS = (80, 70, 40, 60)  # left, top, right, bottom: room for tick labels, title and legend
-
-
-class LogXFrame:
-    """Where data lands in the plot area: log-scale x over whole powers of two around the data, y over [0, 1]."""
-
-    def __init__(self, xs, size=PLOT_SIZE, margins=MARGINS):
-        self.lo = 2 ** math.floor(math.log2(min(xs)))
-        self.hi = max(2 ** math.ceil(math.log2(max(xs))), 2 * self.lo)
-        self.size = size
-        self.left, self.top = margins[0], margins[1]
-        self.right, self.bottom = size[0] - margins[2], size[1] - margins[3]
-
-    def to_pixel(self, x: float, y: float) -> tuple[float, float]:
-        fx = (math.log(x) - math.log(self.lo)) / (math.log(self.hi) - math.log(self.lo))
-        return self.left + fx * (self.right - self.left), self.bottom - y * (self.bottom - self.top)
-
-    def x_ticks(self) -> list[int]:
-        return [2**k for k in range(int(math.log2(self.lo)), int(math.log2(self.hi)) + 1)]
-
-
-def pareto_plot(series: dict[str, list[tuple[float, float, str]]], title: str = "") -> Image.Image:
-    """Accuracy (y) against mean visual tokens (x, log scale): one line of labelled points per series.
-
-    `series`: name -> [(x, y, point label)]; names take their colour from `SERIES_COLOURS`.
-    """
-    frame = LogXFrame([x for points in series.values() for x, _, _ in points])
-    img = Image.new("RGB", frame.size, "white")
-    draw = ImageDraw.Draw(img)
-    small, font = _font(12), _font(14)
-    for y in [k / 5 for k in range(6)]:  # horizontal grid and y tick labels
-        _, py = frame.to_pixel(frame.lo, y)
-        draw.line([(frame.left, py), (frame.right, py)], fill=(225, 225, 225))
-        draw.text((frame.left - 8, py), f"{y:.1f}", fill="black", font=small, anchor="rm")
-    for x in frame.x_ticks():  # vertical grid and x tick labels
-        px, _ = frame.to_pixel(x, 0.0)
-        draw.line([(px, frame.top), (px, frame.bottom)], fill=(225, 225, 225))
-        draw.text((px, frame.bottom + 6), str(x), fill="black", font=small, anchor="mt")
-    draw.rectangle([frame.left, frame.top, frame.right, frame.bottom], outline="black")
-    draw.text(((frame.left + frame.right) / 2, frame.size[1] - 8), "mean visual tokens (log scale)", fill="black",
-              font=font, anchor="md")
-    draw.text((12, (frame.top + frame.bottom) / 2), "accuracy", fill="black", font=font, anchor="lm")
-    draw.text((frame.left, 10), title, fill="black", font=font)
-    lx = frame.left
-    for name in series:  # legend above the plot area
-        colour = SERIES_COLOURS[name]
-        draw.line([(lx, 45), (lx + 24, 45)], fill=colour, width=2)
-        draw.ellipse([lx + 8, 41, lx + 16, 49], fill=colour)
-        draw.text((lx + 30, 45), name, fill="black", font=font, anchor="lm")
-        lx += 50 + draw.textlength(name, font=font)
-    for name, points in series.items():
-        pixels = [(frame.to_pixel(x, y), label) for x, y, label in sorted(points)]
-        colour = SERIES_COLOURS[name]
-        if len(pixels) > 1:
-            draw.line([p for p, _ in pixels], fill=colour, width=2)
-        for (px, py), label in pixels:
-            draw.text((px + 7, py - 7), label, fill=colour, font=small, anchor="lb")
-    for name, points in series.items():  # points last, on top of lines and labels
-        for x, y, _ in points:
-            px, py = frame.to_pixel(x, y)
-            draw.ellipse([px - 5, py - 5, px + 5, py + 5], fill=SERIES_COLOURS[name])
-    return img
 
 
 # --- report ----------------------------------------------------------------------------------------
@@ -286,5 +204,5 @@ def bench(model_dir=None, n: int | None = None, batch_size: int = 16, out=None, 
     out.with_suffix(".md").write_text(markdown_table(report))
     series = {"baseline": [(r["visual_tokens"], r["accuracy"]["all"], str(r["budget"])) for r in baseline],
               "Q-Zoom": [(r["visual_tokens"], r["accuracy"]["all"], str(r["budget"])) for r in qzoom]}
-    pareto_plot(series, f"ZoomWorld test (n={n}): accuracy vs visual tokens").save(out.with_suffix(".png"))
+    line_plot(series, f"ZoomWorld test (n={n}): accuracy vs visual tokens").save(out.with_suffix(".png"))
     return report
