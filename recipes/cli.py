@@ -67,6 +67,22 @@ def _bench_zoomworld(args) -> int:
     return 0
 
 
+def _ints(text: str | None):
+    return tuple(int(x) for x in text.split(",")) if text else None
+
+
+def _bench_speed(args) -> int:
+    from benchmarks.speed import DEFAULT_OUT, bench, markdown_table
+
+    out = Path(args.out or DEFAULT_OUT)
+    report = bench(out, args.quick, args.device, args.backbones.split(",") if args.backbones else None,
+                   _ints(args.budgets), _ints(args.batch_sizes), _ints(args.new_tokens), args.repeats,
+                   args.max_seconds, args.append)
+    print(markdown_table(report))
+    print(f"report -> {out} (+ {out.with_suffix('.md').name} and a latency plot per backbone)")
+    return 0
+
+
 def _config(args):
     from .config import load_config
 
@@ -208,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--top", type=int, default=4, help="grounding heads to suggest")
     h.set_defaults(func=_heads)
 
-    bench = sub.add_parser("bench", help="benchmarks: `qzoom bench zoomworld`")
+    bench = sub.add_parser("bench", help="benchmarks: `qzoom bench zoomworld`, `qzoom bench speed`")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
     bz = bench_sub.add_parser("zoomworld", help="accuracy, visual tokens and latency on ZoomWorld: plain vs Q-Zoom",
                               description="Baseline at 64-1024 visual tokens and Q-Zoom at 64-256 on the ZoomWorld "
@@ -222,6 +238,25 @@ def build_parser() -> argparse.ArgumentParser:
     bz.add_argument("--device", help="default: cuda if available, else cpu")
     bz.add_argument("--quick", action="store_true", help="smoke run: n=8, baseline at 64 and 256, Q-Zoom at 64")
     bz.set_defaults(func=_bench_zoomworld)
+    bs = bench_sub.add_parser("speed", help="wall-clock at real model shapes: plain backbone vs the Q-Zoom pipeline",
+                              description="Random-weight Qwen2.5-VL-7B and Qwen3-VL-4B (public configs) at visual-token "
+                                          "budgets 256-4096, batch sizes 1-16, 16 and 64 new tokens: plain HF generate "
+                                          "vs the pipeline not zoomed / zoomed / 50% zoomed, per-stage times and the "
+                                          "prefill and decode floors measured in the same run. Writes JSON, Markdown "
+                                          "and plots. Example: qzoom bench speed --backbones qwen2_5_vl_7b "
+                                          "--max-seconds 540")
+    bs.add_argument("--quick", action="store_true", help="smoke run on a tiny model (CPU is fine)")
+    bs.add_argument("--backbones", help="comma-separated: qwen2_5_vl_7b,qwen3_vl_4b (default both)")
+    bs.add_argument("--budgets", help="comma-separated visual-token budgets (default 256,576,1024,2048,4096)")
+    bs.add_argument("--batch-sizes", help="comma-separated (default 1,4,8,16)")
+    bs.add_argument("--new-tokens", help="comma-separated (default 16,64)")
+    bs.add_argument("--repeats", type=int, default=3, help="timed runs per measurement after one warm-up")
+    bs.add_argument("--max-seconds", type=float, help="stop starting new configurations after this long "
+                                                      "(the rest are listed as skipped)")
+    bs.add_argument("--append", action="store_true", help="keep the other backbones' rows of an existing --out")
+    bs.add_argument("--out", help="JSON report (default: benchmarks/results/speed.json)")
+    bs.add_argument("--device", help="default: cuda if available, else cpu")
+    bs.set_defaults(func=_bench_speed)
     return p
 
 
