@@ -10,7 +10,12 @@ import torch
 
 
 def git_commit() -> str | None:
-    """This checkout's commit (`git rev-parse HEAD`), or None without git or outside a repository."""
+    """This checkout's commit (`git rev-parse HEAD`), or None without git or outside a repository.
+
+    `QZOOM_GIT_COMMIT` overrides it, for copies of a working tree that carry no (or an older) `.git`.
+    """
+    if os.environ.get("QZOOM_GIT_COMMIT"):
+        return os.environ["QZOOM_GIT_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
                              text=True, timeout=10)

@@ -6,6 +6,7 @@ zoomed rows of a batch in one decode loop).
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,9 @@ from .spec import get_spec
 from .timing import stage
 from .trunk import Prefill, Trunk
 from .twig import TwigRPN
+
+
+CROP_WORKERS = 8  # host threads preparing a batch's crops
 
 
 @dataclass
@@ -223,12 +227,24 @@ class QZoom:
         if self.image_processor is None:
             raise QZoomError("zooming re-encodes the crop: pass `image_processor=` (or a processor) to QZoom")
         with stage("crop_encode"):
-            enc = spec.process_crops(self.image_processor, [crops[i].image for i in rows],
-                                     cfg.crop_min_pixels, cfg.crop_max_pixels)
-            enc = {k: v.to(a.ids.device) for k, v in enc.items()}
+            enc = self._process_crops([crops[i].image for i in rows], a.ids.device)
             roi_feats = spec.encode_images(enc["pixel_values"], enc["image_grid_thw"])
         with stage("roi_pass"):
             return self._roi_layers(a, rows, crops, enc, roi_feats)
+
+    def _process_crops(self, images: list, device) -> dict:
+        """The processor on each crop in its own thread (PIL resizing releases the GIL), joined in order."""
+        cfg = self.config
+
+        def one(image):
+            return self.spec.process_crops(self.image_processor, [image], cfg.crop_min_pixels, cfg.crop_max_pixels)
+
+        if len(images) == 1:
+            parts = [one(images[0])]
+        else:
+            with ThreadPoolExecutor(max_workers=min(len(images), CROP_WORKERS)) as pool:
+                parts = list(pool.map(one, images))
+        return {k: torch.cat([part[k] for part in parts]).to(device, non_blocking=True) for k in parts[0]}
 
     def _roi_layers(self, a: Prefill, rows: list[int], crops: dict, enc: dict, roi_feats):
         spec, mode = self.spec, self.position_mode

@@ -251,8 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--batch-sizes", help="comma-separated (default 1,4,8,16)")
     bs.add_argument("--new-tokens", help="comma-separated (default 16,64)")
     bs.add_argument("--repeats", type=int, default=3, help="timed runs per measurement after one warm-up")
-    bs.add_argument("--max-seconds", type=float, help="stop starting new configurations after this long "
-                                                      "(the rest are listed as skipped)")
+    bs.add_argument("--max-seconds", type=float, help="per backbone: stop starting new configurations after this "
+                                                      "long (the rest are listed as skipped)")
     bs.add_argument("--append", action="store_true", help="keep the other backbones' rows of an existing --out")
     bs.add_argument("--out", help="JSON report (default: benchmarks/results/speed.json)")
     bs.add_argument("--device", help="default: cuda if available, else cpu")
