@@ -2,8 +2,9 @@
 
 No real weights exist here, but real shapes do: Qwen2.5-VL-7B and Qwen3-VL-4B are built from their public
 configs with random weights (bf16 on CUDA). Random weights make the gate's decision arbitrary, so every run
-forces it (`force_zoom`), and `roi_threshold` 0 fixes the box to the whole image: the crop is re-encoded at
-the crop budget = the global budget, so a zoomed sample reads 2x the budget in visual tokens whatever the box.
+forces it (`force_zoom`), and the box is fixed (`fixed_box_spec`: a centred box about a quarter of each side of the
+token grid, 6-7% of the image area, reported per row as `box_area_share`). The crop is re-encoded at the crop
+budget = the global budget, so a zoomed sample reads about 2x the budget in visual tokens.
 
 Per backbone, attention implementation, visual-token budget, batch size and number of new tokens (EOS off):
 
@@ -214,7 +215,7 @@ def _inputs(bb: Backbone, image, budget: int, batch: int, device):
     return batch_to(inputs, device), images
 
 
-BOX_SIDE = 0.5  # the fixed box: the middle half of each side of the token grid (+ the blur's one-cell halo)
+BOX_SIDE = 0.5  # the fixed box's side is about BOX_SIDE / 2 of each grid side (+ the blur's one-cell halo)
 
 
 def fixed_box_spec(spec):
