@@ -485,6 +485,7 @@ def bench(out=None, quick: bool = False, device: str | None = None, backbones=No
     if append and out.is_file():
         old = json.loads(out.read_text())
         rows = [r for r in old["rows"] if r["backbone"] not in backbones] + rows
+        skipped = [r for r in old.get("skipped", []) if r["backbone"] not in backbones] + skipped
         infos = {**old["meta"].get("backbones", {}), **infos}
         agreement = {**old.get("decode_agreement", {}), **agreement}
     if not rows:
