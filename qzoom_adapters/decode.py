@@ -108,11 +108,10 @@ class _StaticState:
         self.kv = StaticKV([torch.zeros(B, k.shape[1], s_max, k.shape[3], dtype=k.dtype, device=device) for k, _ in rows.kvs],
                            [torch.zeros(B, v.shape[1], s_max, v.shape[3], dtype=v.dtype, device=device) for _, v in rows.kvs],
                            self.cpos)
-        self.boolean = mask_dtype == torch.bool
-        self.allow = True if self.boolean else 0.0
-        block = False if self.boolean else torch.finfo(mask_dtype).min
-        self.block = block
-        self.mask = torch.full((B, 1, 1, s_max), block, dtype=mask_dtype, device=device)
+        boolean = mask_dtype == torch.bool  # sdpa takes a boolean mask, eager an additive one
+        self.allow = True if boolean else 0.0
+        self.block = False if boolean else torch.finfo(mask_dtype).min
+        self.mask = torch.full((B, 1, 1, s_max), self.block, dtype=mask_dtype, device=device)
         self.tok = torch.zeros(B, dtype=torch.long, device=device)
         self.pos = torch.zeros(rows.last_pos.shape[0], B, 1, dtype=rows.last_pos.dtype, device=device)
         self.step = torch.zeros(1, dtype=torch.long, device=device)
@@ -218,7 +217,6 @@ class Decoder:
         mask_t = template.get("attention_mask")
         mask_dtype = mask_t.dtype if isinstance(mask_t, torch.Tensor) and mask_t.is_floating_point() else torch.bool
         state = self._state(rows, n_steps, mask_dtype, eos, graph)
-        mode = "static"
         if graph and state.graph is None:
             try:
                 state.graph = self._capture(state, template)
@@ -228,6 +226,7 @@ class Decoder:
                 state.graph = False
         state.load(rows, tok)
         use_graph = bool(state.graph)
+        mode = "cuda_graph" if use_graph else "static"
         for n in range(1, n_steps):
             if eos and n % CHECK_EVERY == 0 and bool(state.done.all()):
                 return state.out[:, :n].clone(), mode
@@ -235,7 +234,7 @@ class Decoder:
                 state.graph.replay()
             else:
                 self._step(state, template)
-        return state.out.clone(), ("cuda_graph" if use_graph else mode)
+        return state.out.clone(), mode
 
     def _step(self, st: _StaticState, template: dict) -> None:
         """One greedy step for every row, entirely on fixed tensors (capturable)."""

@@ -222,7 +222,7 @@ class QZoom:
         Layout per sample: [left pad | prefix (cached) | middle pad | suffix]; every prefix ends
         by column C and every suffix ends at the last column, so the suffix block is shared.
         """
-        spec, cfg, mode = self.spec, self.config, self.position_mode
+        spec = self.spec
         rows = sorted(crops)
         if self.image_processor is None:
             raise QZoomError("zooming re-encodes the crop: pass `image_processor=` (or a processor) to QZoom")
