@@ -219,7 +219,7 @@ def decode_layer_kwargs(template: dict, cache, mask, position_embeddings, positi
     return out
 
 
-def rows_kwargs(kwargs: dict, rows: slice) -> dict:
+def query_rows_kwargs(kwargs: dict, rows: slice) -> dict:
     """Full-sequence layer kwargs restricted to query rows `rows` (keys keep every column).
 
     A 4-D mask keeps its key columns up to the last selected row; rotary tables, positions and cache

@@ -24,6 +24,7 @@ Writes a JSON report, a Markdown table and a latency plot (PNG) side by side.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import statistics
@@ -140,16 +141,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_time(fn, device, repeats: int) -> float:
-    fn()
-    times = []
+def _timed_runs(fn, device, repeats: int, stages: bool = False):
+    """One warm-up call, then `repeats` synchronised calls: (median seconds, median seconds per pipeline
+    stage (`stages=True`, from a `StageTimer`) or None, the last call's result)."""
+    from qzoom_adapters.timing import StageTimer
+
+    out = fn()
+    times, per_stage = [], []
     for _ in range(repeats):
         _sync(device)
         t0 = time.perf_counter()
-        fn()
+        with StageTimer(device) if stages else contextlib.nullcontext() as timer:
+            out = fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        if stages:
+            per_stage.append(timer.seconds())
+    if not stages:
+        return statistics.median(times), None, out
+    names = sorted({k for s in per_stage for k in s})
+    return statistics.median(times), {k: statistics.median(s.get(k, 0.0) for s in per_stage) for k in names}, out
+
+
+def _median_time(fn, device, repeats: int) -> float:
+    return _timed_runs(fn, device, repeats)[0]
 
 
 def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, quick: bool) -> float:
@@ -244,25 +259,10 @@ def _zoom(bb: Backbone, budget: int, gate: bool):
 
 
 def _timed_pipeline(zoom, inputs, images, n_tokens: int, force, device, repeats: int) -> dict:
-    """Median latency of one pipeline call, with the median of each stage."""
-    from qzoom_adapters.timing import StageTimer
-
-    def call():
-        return zoom.generate_from_inputs(inputs, images, max_new_tokens=n_tokens, force_zoom=force)
-
-    outs = call()  # warm-up (captures the decode graph for this shape)
-    runs, stages = [], []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        with StageTimer(device) as timer:
-            outs = call()
-        _sync(device)
-        runs.append(time.perf_counter() - t0)
-        stages.append(timer.seconds())
-    names = sorted({k for s in stages for k in s})
-    med = {k: statistics.median(s.get(k, 0.0) for s in stages) for k in names}
-    lat = statistics.median(runs)
+    """Median latency of one pipeline call, with the median of each stage (the warm-up captures the decode
+    graph for this shape)."""
+    lat, med, outs = _timed_runs(lambda: zoom.generate_from_inputs(inputs, images, max_new_tokens=n_tokens,
+                                                                    force_zoom=force), device, repeats, stages=True)
     med["other_host"] = max(0.0, lat - sum(med.values()))
     boxes = [(o.bbox[2] - o.bbox[0]) * (o.bbox[3] - o.bbox[1]) / (im.width * im.height)
              for o, im in zip(outs, images) if o.bbox is not None]

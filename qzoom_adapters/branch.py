@@ -76,8 +76,8 @@ class Branch(nn.Module):
         """
         h = self.run_body(hidden, kwargs, trunk, self.T - 1)
         layer = self.layers[-1]
-        k, v = spec.key_value(layer, h[:, :-1], _compat.rows_kwargs(kwargs, slice(None, -1)))
-        row_kwargs = _compat.with_cache(_compat.rows_kwargs(kwargs, slice(-1, None)), _PrefixKV(k, v))
+        k, v = spec.key_value(layer, h[:, :-1], _compat.query_rows_kwargs(kwargs, slice(None, -1)))
+        row_kwargs = _compat.with_cache(_compat.query_rows_kwargs(kwargs, slice(-1, None)), _PrefixKV(k, v))
         return spec.call_layer(layer, h[:, -1:], row_kwargs)[:, -1]
 
 

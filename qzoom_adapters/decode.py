@@ -1,13 +1,14 @@
 """Our own greedy decoding over prepared KV caches, without a host sync per token.
 
-All rows that need decoding (the direct rows and the zoomed rows of one batch) are merged into one
-batch, right-aligned in one cache (`DecodeRows.merge`), and decoded together:
+All rows that need decoding (the direct rows and the zoomed rows of one batch) are decoded together as
+one batch, each group right-aligned in one cache:
 
-* `static` / `cuda_graph`: the cache is copied into preallocated buffers (`StaticKV`, a duck-typed HF
+* `static` / `cuda_graph`: each group's cache is copied once into preallocated buffers (`StaticKV`, a duck-typed HF
   cache whose `update` writes at a device-side column index). One decode step (embed -> rotary ->
   decoder layers -> norm -> head -> argmax -> bookkeeping) then touches only fixed tensors, so on CUDA it
   is captured once in a CUDA graph and replayed per token; `static` runs the same step eagerly.
-* `dynamic`: the backbone's own text model with an HF `DynamicCache`, one call per token: the fallback
+* `dynamic`: the backbone's own text model with an HF `DynamicCache` (the groups concatenated by
+  `DecodeRows.merge`), one call per token: the fallback
   for anything the static step cannot run (e.g. flash-attention's unpadding, a capture error).
 
 Tokens stay on the device; `done.all()` is read once every `CHECK_EVERY` steps (early exit on EOS) and
@@ -58,10 +59,13 @@ class DecodeRows:
         return cls(first, mask, last_pos, [_compat.cache_kv(cache, i) for i in range(n_layers)])
 
     @staticmethod
-    def merge(groups: list["DecodeRows"]) -> "DecodeRows":
-        """One batch of all groups' rows, each right-aligned in a common cache length (left padding)."""
+    def merge(groups: list["DecodeRows"], with_kv: bool = True) -> "DecodeRows":
+        """One batch of all groups' rows, each right-aligned in a common cache length (left padding).
+
+        `with_kv=False` leaves `kvs` None (the static path copies each group's cache into its buffers itself).
+        """
         if len(groups) == 1:
-            return groups[0]
+            return groups[0] if with_kv else DecodeRows(groups[0].first, groups[0].mask, groups[0].last_pos, None)
         S = max(g.mask.shape[1] for g in groups)
 
         def left_pad(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -78,7 +82,7 @@ class DecodeRows:
             mask=torch.cat([left_pad(g.mask, 1) for g in groups]),
             last_pos=torch.cat([g.last_pos.to(dtype) for g in groups], dim=1),
             kvs=[tuple(torch.cat([left_pad(g.kvs[i][j], 2) for g in groups]) for j in (0, 1))
-                 for i in range(len(groups[0].kvs))],
+                 for i in range(len(groups[0].kvs))] if with_kv else None,
         )
 
 
@@ -100,14 +104,16 @@ class StaticKV:
 class _StaticState:
     """Fixed tensors of one (batch, length, steps) shape: cache buffers, mask, token, positions, outputs."""
 
-    def __init__(self, rows: DecodeRows, n_steps: int, s_max: int, mask_dtype, eos: tuple[int, ...], device):
+    def __init__(self, rows: DecodeRows, kvs: list, n_steps: int, s_max: int, mask_dtype, eos: tuple[int, ...],
+                 device):
         B = rows.first.shape[0]
         self.eos = torch.tensor(eos, dtype=torch.long, device=device) if eos else None
-        self.s_max, self.n_steps = s_max, n_steps
         self.cpos = torch.zeros(1, dtype=torch.long, device=device)
-        self.kv = StaticKV([torch.zeros(B, k.shape[1], s_max, k.shape[3], dtype=k.dtype, device=device) for k, _ in rows.kvs],
-                           [torch.zeros(B, v.shape[1], s_max, v.shape[3], dtype=v.dtype, device=device) for _, v in rows.kvs],
-                           self.cpos)
+
+        def buffers(i: int) -> list[torch.Tensor]:
+            return [torch.zeros(B, kv[i].shape[1], s_max, kv[i].shape[3], dtype=kv[i].dtype, device=device) for kv in kvs]
+
+        self.kv = StaticKV(buffers(0), buffers(1), self.cpos)
         boolean = mask_dtype == torch.bool  # sdpa takes a boolean mask, eager an additive one
         self.allow = True if boolean else 0.0
         self.block = False if boolean else torch.finfo(mask_dtype).min
@@ -119,12 +125,16 @@ class _StaticState:
         self.done = torch.zeros(B, dtype=torch.bool, device=device)
         self.graph = None
 
-    def load(self, rows: DecodeRows, tok: torch.Tensor) -> None:
-        """Copy one batch's cache into columns [0, S) and reset the step state to "first token emitted"."""
-        S = rows.mask.shape[1]
-        for buf, (k, v) in zip(zip(self.kv.keys, self.kv.values), rows.kvs):
-            buf[0][:, :, :S].copy_(k)
-            buf[1][:, :, :S].copy_(v)
+    def load(self, rows: DecodeRows, groups: list[DecodeRows], tok: torch.Tensor) -> None:
+        """Copy each group's cache into its rows, right-aligned at column S (= `rows`' merged length), and reset
+        the step state to "first token emitted"."""
+        S, r = rows.mask.shape[1], 0
+        for g in groups:
+            n, s_g = g.mask.shape
+            for layer, (k, v) in enumerate(g.kvs):
+                self.kv.keys[layer][r : r + n, :, S - s_g : S].copy_(k)
+                self.kv.values[layer][r : r + n, :, S - s_g : S].copy_(v)
+            r += n
         allowed = rows.mask.bool()[:, None, None, :]
         self.mask.fill_(self.block)
         self.mask[..., :S].masked_fill_(allowed, self.allow)
@@ -139,28 +149,33 @@ class _StaticState:
 class Decoder:
     """Greedy decoding for one backbone; keeps static buffers and CUDA graphs between calls."""
 
-    def __init__(self, spec, trunk, mode: str = "auto"):
-        if mode not in DECODE_MODES:
-            raise ValueError(f"decode mode must be one of {DECODE_MODES}, got {mode!r}")
-        self.spec, self.trunk, self.mode = spec, trunk, mode
+    def __init__(self, spec, trunk):
+        self.spec, self.trunk = spec, trunk
         self._states: OrderedDict = OrderedDict()
         self.last_mode: str | None = None  # what the last call actually ran (after fallbacks)
 
     # --- which path -------------------------------------------------------------------------------
-    def _choose(self, device: torch.device) -> str:
-        if self.mode != "auto":
-            return self.mode
+    def _choose(self, mode: str, device: torch.device) -> str:
+        if mode not in DECODE_MODES:
+            raise ValueError(f"decode mode must be one of {DECODE_MODES}, got {mode!r}")
+        if mode != "auto":
+            return mode
         attn = _compat.attn_implementation(self.spec.text_model)
         if device.type == "cuda" and attn in ("sdpa", "eager"):
             return "cuda_graph"
         return "dynamic"
 
     # --- entry point ----------------------------------------------------------------------------------
-    def greedy(self, rows: DecodeRows, max_new_tokens: int, eos: set[int], template: dict) -> list[list[int]]:
-        """Greedy tokens per row, each cut after its first EOS. `template`: layer kwargs of the prefill."""
+    def greedy(self, groups: list[DecodeRows], max_new_tokens: int, eos: set[int], template: dict,
+               mode: str = "auto") -> list[list[int]]:
+        """Greedy tokens for the rows of all `groups` in order, each cut after its first EOS.
+
+        `template`: layer kwargs of a prefill (their form for this backbone and version); `mode`: see `DECODE_MODES`.
+        """
+        rows = DecodeRows.merge(groups, with_kv=False)
         tok = rows.first.argmax(-1)
         eos_t = torch.tensor(sorted(eos), device=tok.device, dtype=tok.dtype) if eos else None
-        mode = self._choose(tok.device)
+        mode = self._choose(mode, tok.device)
         unknown = _compat.unsupported_decode_kwargs(template) if mode in ("static", "cuda_graph") else []
         if unknown:
             warnings.warn(f"the static decode step cannot rebuild layer inputs {unknown}; decoding dynamically",
@@ -170,9 +185,10 @@ class Decoder:
             if max_new_tokens <= 1:
                 seq, mode = tok[:, None], "none"
             elif mode == "dynamic":
-                seq = self._dynamic(rows, tok, eos_t, max_new_tokens)
+                seq = self._dynamic(DecodeRows.merge(groups), tok, eos_t, max_new_tokens)
             else:
-                seq, mode = self._static(rows, tok, tuple(sorted(eos)), max_new_tokens, template, mode == "cuda_graph")
+                seq, mode = self._static(rows, groups, tok, tuple(sorted(eos)), max_new_tokens, template,
+                                         mode == "cuda_graph")
             seq = seq.tolist()  # the one host transfer
         timing.count("decode_steps", len(seq[0]) if seq else 0)
         self.last_mode = mode
@@ -199,24 +215,26 @@ class Decoder:
         return torch.stack(steps, dim=1)
 
     # --- static buffers (+ CUDA graph) ----------------------------------------------------------------
-    def _state(self, rows: DecodeRows, n_steps: int, mask_dtype, eos: tuple[int, ...], graph: bool) -> _StaticState:
+    def _state(self, rows: DecodeRows, kvs: list, n_steps: int, mask_dtype, eos: tuple[int, ...],
+               graph: bool) -> _StaticState:
         S = rows.mask.shape[1]
         s_max = -(-(S + n_steps) // SEQ_BUCKET) * SEQ_BUCKET
-        k0 = rows.kvs[0][0]
+        k0 = kvs[0][0]
         key = (rows.first.shape[0], s_max, n_steps, mask_dtype, rows.last_pos.dtype, rows.last_pos.shape[0],
                k0.dtype, k0.device, eos, graph)
         state = self._states.pop(key, None)
         if state is None:
-            state = _StaticState(rows, n_steps, s_max, mask_dtype, eos, k0.device)
+            state = _StaticState(rows, kvs, n_steps, s_max, mask_dtype, eos, k0.device)
             while len(self._states) >= MAX_STATES:
                 self._states.popitem(last=False)
         self._states[key] = state
         return state
 
-    def _static(self, rows: DecodeRows, tok, eos: tuple[int, ...], n_steps: int, template: dict, graph: bool):
+    def _static(self, rows: DecodeRows, groups: list[DecodeRows], tok, eos: tuple[int, ...], n_steps: int,
+                template: dict, graph: bool):
         mask_t = template.get("attention_mask")
         mask_dtype = mask_t.dtype if isinstance(mask_t, torch.Tensor) and mask_t.is_floating_point() else torch.bool
-        state = self._state(rows, n_steps, mask_dtype, eos, graph)
+        state = self._state(rows, groups[0].kvs, n_steps, mask_dtype, eos, graph)
         if graph and state.graph is None:
             try:
                 state.graph = self._capture(state, template)
@@ -224,7 +242,7 @@ class Decoder:
                 warnings.warn(f"CUDA graph capture of the decode step failed ({type(err).__name__}: {err}); "
                               "decoding without a graph", stacklevel=3)
                 state.graph = False
-        state.load(rows, tok)
+        state.load(rows, groups, tok)
         use_graph = bool(state.graph)
         mode = "cuda_graph" if use_graph else "static"
         for n in range(1, n_steps):

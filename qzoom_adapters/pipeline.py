@@ -208,10 +208,9 @@ class QZoom:
     # --- decode: every row of the batch in one loop --------------------------------------------
     def _decode(self, groups: dict, max_new_tokens: int) -> dict:
         """Greedy tokens for every group's rows in one loop: {group: {row: (tokens, first logits)}}."""
-        merged = DecodeRows.merge([rows for _, rows, _ in groups.values()])
-        self.decoder.mode = self.config.decode
         template = next(iter(groups.values()))[2]  # layer kwargs of a prefill: their form for this version
-        tokens = iter(self.decoder.greedy(merged, max_new_tokens, eos_ids(self.model), template))
+        tokens = iter(self.decoder.greedy([rows for _, rows, _ in groups.values()], max_new_tokens,
+                                          eos_ids(self.model), template, self.config.decode))
         return {name: {i: (next(tokens), rows.first[n]) for n, i in enumerate(idx)}
                 for name, (idx, rows, _) in groups.items()}
 
