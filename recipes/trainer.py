@@ -51,6 +51,7 @@ class Trainer:
         # DDP must be told when some trainable parameters get no gradient (the twig's last layer: only q/k)
         self.find_unused_parameters = find_unused_parameters
         self.max_seconds = max_seconds  # a time budget: finish (and save) at the first step past it
+        self.max_skipped = 50  # updates skipped for non-finite gradients before the run fails
 
     # --- setup ----------------------------------------------------------------------------
     def _accelerator(self):
@@ -117,7 +118,7 @@ class Trainer:
         bar = progress(total=total, desc=f"training -> {self.out.name}", disable=not acc.is_main_process)
         bar.update(step)
         module.train()
-        t0, seen = time.perf_counter(), 0
+        t0, seen, skipped = time.perf_counter(), 0, 0
         while step < total:
             epoch, in_epoch = divmod(step, steps_per_epoch)
             if self.on_epoch is not None:
@@ -142,8 +143,21 @@ class Trainer:
                     loss_sum += float(loss.detach()) * w / acc.num_processes
                     seen += cfg.batch_size * acc.num_processes
                 if cfg.grad_clip:
-                    acc.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
+                    norm = acc.clip_grad_norm_(params, cfg.grad_clip)
+                else:
+                    norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params
+                                                                 if p.grad is not None] or [torch.zeros(())]))
+                if not math.isfinite(float(norm)):
+                    # one bad batch (overflow in low precision) must not poison the weights: skip its update
+                    skipped += 1
+                    opt.zero_grad(set_to_none=True)
+                    acc.print(f"step {step + 1}: non-finite gradient (loss {loss_sum}), update skipped "
+                              f"({skipped} so far)")
+                    if skipped > self.max_skipped:
+                        raise QZoomError(f"{skipped} steps had non-finite gradients (the last at step {step + 1}): "
+                                         "lower the learning rate or check the data; the last checkpoint is kept")
+                else:
+                    opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
@@ -168,7 +182,7 @@ class Trainer:
         acc.wait_for_everyone()
         summary = {"step": step, "finished": True, "planned_steps": planned,
                    "samples_per_s": seen / max(time.perf_counter() - t0, 1e-9), "final_loss": log.last_loss,
-                   "processes": acc.num_processes}
+                   "processes": acc.num_processes, "skipped_steps": skipped}
         if acc.is_main_process:
             self.save_outputs(acc.unwrap_model(module), self.out)
             (self.out / DONE_NAME).write_text(json.dumps(summary, indent=2))

@@ -1,9 +1,11 @@
 """ZoomWorld: seeded high-resolution scenes with small coded plates, and questions with known answers and boxes.
 
 A scene is a cluttered 1-2 MP image of a random aspect ratio holding 2-5 plates of distinct colours.
-Each plate carries a 3-character code (capitals and digits) whose capitals are ~20-27 px high
-(~40 px on the largest plate): readable at full resolution, at 1024 visual tokens or in a crop, and
-only a few pixels high at 64 tokens. Questions:
+Each plate carries a 3-character code (capitals and digits). Its size is set in visual tokens, not
+pixels: one character advances 26-34 px of the image *as resized to 1024 visual tokens* (a merged
+token is 28 px there, so about one token per character; the largest plate's code is 1.35x that).
+At 256 tokens two characters share a token, at 64 tokens the whole ~8 px-high code fits in about
+one token: readable at 1024 tokens, at full resolution or in a crop, not at 64. Questions:
 * detail: "What is written on the red plate?" -> the code; box = that plate (needs the zoom);
 * global: "How many plates are there?" -> the count (box None), or "What colour is the largest
   plate?" -> its colour; box = that plate (both answerable at low resolution).
@@ -21,6 +23,11 @@ COLOURS = {"red": (210, 35, 35), "blue": (35, 70, 215), "green": (30, 150, 60), 
 CODE_CHARS = "ABCDEFGHJKLMNPRSTUVWXYZ23456789"  # no 0/O, 1/I, Q: codes must be readable, not guessable
 ASPECTS = ((4, 3), (3, 4), (16, 9), (9, 16), (1, 1), (3, 2), (2, 3))
 COUNT_WORDS = {2: "two", 3: "three", 4: "four", 5: "five"}
+
+ADVANCE_1024 = (26.0, 34.0)  # a character's advance, in pixels of the image resized to 1024 visual tokens
+LARGEST = 1.35  # the largest plate's code scale (its area is then >= 1.4x any other's)
+_ADVANCE_PER_SIZE = 0.636  # mean advance / font size of CODE_CHARS in Pillow's embedded font
+_PIXELS_1024 = 1024 * 28 * 28
 
 VAL_SEED, TEST_SEED, TRAIN_SEED = 10_000_000, 20_000_000, 1_000  # disjoint seed ranges per split
 
@@ -92,16 +99,26 @@ def make_scene(seed: int) -> tuple[Image.Image, list[Plate]]:
     _clutter(draw, rng, W, H)
     n = rng.randint(2, 5)
     colours = rng.sample(sorted(COLOURS), n)
-    font_sizes = [rng.randint(28, 38) for _ in range(n)]
-    font_sizes[rng.randrange(n)] = 56  # one plate is clearly the largest
-    plates, taken = [], []
-    # the largest first, so that a crowded scene never drops it (placement can fail for small plates only)
+    scale_1024 = (_PIXELS_1024 / (W * H)) ** 0.5  # source pixels -> pixels at 1024 visual tokens
+    font_sizes = [round(rng.uniform(*ADVANCE_1024) / (_ADVANCE_PER_SIZE * scale_1024)) for _ in range(n)]
+    big = rng.randrange(n)  # one plate is clearly the largest
+    font_sizes[big] = round(max(font_sizes) * LARGEST)
+    layouts = []  # (colour, code, font, text bbox, pad_x, pad_y, w, h), the largest first
     for colour, size in sorted(zip(colours, font_sizes), key=lambda cs: -cs[1]):
         code = "".join(rng.choice(CODE_CHARS) for _ in range(3))
         font = _font(size)
         l, t, r, b = draw.textbbox((0, 0), code, font=font)
         pad_x, pad_y = size // 2, size // 3
-        w, h = (r - l) + 2 * pad_x, (b - t) + 2 * pad_y
+        layouts.append([colour, code, font, (l, t, r, b), pad_x, pad_y, (r - l) + 2 * pad_x, (b - t) + 2 * pad_y])
+    # narrow characters can make a large font's plate small: widen the largest plate to >= 1.5x any other's area
+    others = max((w * h for *_, w, h in layouts[1:]), default=0)
+    first = layouts[0]
+    while first[6] * first[7] < 1.5 * others:
+        first[4] += 2
+        first[6] += 4
+    plates, taken = [], []
+    # the largest first, so that a crowded scene never drops it (placement can fail for small plates only)
+    for colour, code, font, (l, t, r, b), pad_x, pad_y, w, h in layouts:
         box = _place(rng, W, H, w, h, taken)
         if box is None:
             continue

@@ -189,14 +189,21 @@ def measure(objective, collate, batch_size: int, num_workers: int, seconds: floa
             crop_p: float = CROP_VIEW_P) -> dict:
     """Samples/s the loader gives, and the seconds of one forward + backward per budget (to plan a time budget).
 
-    The loader rate is an upper bound (workers start with full queues): runs planned from it have stopped
-    at 60-70% of their planned steps, so `max_seconds` must stay set beside `plan_seconds`."""
+    The loader is timed after the batches its workers queue at start; keep `max_seconds` set beside
+    `plan_seconds` all the same (a stop at the time budget saves the model with the schedule unfinished)."""
     dataset = StreamDataset(10**6, base=5_000_000, crop_p=crop_p)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers,
                                          shuffle=False, persistent_workers=False, prefetch_factor=4 if num_workers else None)
+    # the workers start by filling their queues (prefetch_factor batches each): the clock starts after those
+    # batches, so the rate is the steady one (counting them overestimated it ~1.5x and cut runs short)
+    queued = num_workers * 4 if num_workers else 0
     t0, n, first = time.perf_counter(), 0, None
-    for batch in loader:
-        first = first or time.perf_counter()
+    for k, batch in enumerate(loader):
+        if k < queued:
+            continue
+        if first is None:
+            first = time.perf_counter()
+            continue
         n += batch["labels"].shape[0]
         if time.perf_counter() - first > seconds:
             break
