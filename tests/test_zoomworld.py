@@ -192,3 +192,27 @@ def test_recipe_setup_loads_as_a_recipe(tmp_path):
     assert cfg.K == 4 and cfg.stage2 is not None and cfg.mine.keep == "zoomed"
     assert len(stage1) == len(pool) == 2 and all(r.box is not None for r in stage1)
     assert all((setup / r.image).is_file() for r in stage1 + pool) and {r.id for r in stage1}.isdisjoint(r.id for r in pool)
+
+
+def test_code_size_is_set_in_visual_tokens():
+    """A character advances about one merged token (28 px) of the 1024-token view, and the code is a few
+    pixels high at 64 tokens (too small to read), whatever the scene's size."""
+    from benchmarks.zoomworld.batches import budget_size
+    from benchmarks.zoomworld.generator import ADVANCE_1024, LARGEST
+
+    lo, hi = ADVANCE_1024
+    plain = []
+    for seed in range(12):
+        image, plates = make_scene(VAL_SEED + seed)
+        W, H = image.size
+        largest = max(plates, key=lambda p: p.area)
+        h, w = budget_size(W, H, 1024 * 28 * 28, 28)
+        h64, _ = budget_size(W, H, 64 * 28 * 28, 28)
+        for p in plates:
+            (_, (a1, _, _, _)), _, (_, (c1, _, _, _)) = p.glyphs
+            advance = (c1 - a1) / 2 * w / W  # first to last character, per character (glyph widths vary)
+            scale = LARGEST if p is largest else 1.0
+            assert 0.8 * lo * scale <= advance <= 1.5 * hi * scale, (seed, p.colour, advance)
+            plain += [advance] if p is not largest else []
+            assert max(g[1][3] - g[1][1] for g in p.glyphs) * h64 / H <= 10.0 * scale  # px high at 64 tokens
+    assert 0.9 * lo <= sum(plain) / len(plain) <= 1.1 * hi

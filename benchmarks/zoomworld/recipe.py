@@ -5,6 +5,7 @@
     qzoom labels stage1 --config RUN/recipe.yaml --set labels_stage1.textual_pairs=...
     qzoom train stage1 --config RUN/recipe.yaml
     qzoom mine --config RUN/recipe.yaml && qzoom train stage2 --config RUN/recipe.yaml
+    qzoom labels stage3 --config RUN/recipe.yaml && qzoom train stage3 --config RUN/recipe.yaml
 
 Records come from their own seed range (disjoint from the training stream, val and test) and carry
 each question's ground-truth box, which `qzoom heads` uses to *select* the attention heads.
@@ -33,15 +34,19 @@ def _record(out: Path, s, box: bool = False) -> dict:
     return {**row, "box": list(s.box)} if box else row
 
 
-def write_setup(out, model_dir, n: int = 128, grid: int = 16) -> Path:
-    """`images/`, `records.jsonl` (detail questions, textual mode, with boxes) and `recipe.yaml` under `out`."""
+def write_setup(out, model_dir, n: int = 128, grid: int = 16, n_gate: int | None = None) -> Path:
+    """`images/`, `records.jsonl` (detail questions, textual mode, with boxes), `pool.jsonl` (stage 2),
+    `gate.jsonl` (stage 3, two detail questions for one global) and `recipe.yaml` under `out`."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    # stage 1: detail questions with their boxes; stage 2: detail and global questions on other scenes
+    # stage 1: detail questions with their boxes; stage 2 and stage 3: detail and global questions on other scenes
     write_jsonl(out / "records.jsonl", [_record(out, make_sample(RECIPE_SEED + i, "detail"), box=True)
                                         for i in range(n)])
     write_jsonl(out / "pool.jsonl", [_record(out, make_sample(RECIPE_SEED + 100_000 + i, ("detail", "global")[i % 2]))
                                      for i in range(n)])
+    # few detail questions survive the consistency filter (right at both top budgets), so they are 2 in 3 here
+    write_jsonl(out / "gate.jsonl", [_record(out, make_sample(RECIPE_SEED + 200_000 + i, ("detail", "detail", "global")[i % 3]))
+                                     for i in range(n if n_gate is None else n_gate)])
     train = {"lr": 1e-3, "batch_size": 8, "effective_batch": 8, "epochs": 3, "save_every": 20, "warmup_ratio": 0.1}
     recipe = {
         "model": {"path": str(Path(model_dir).resolve()), "dtype": "float32"},
@@ -57,6 +62,12 @@ def write_setup(out, model_dir, n: int = 128, grid: int = 16) -> Path:
                  "target": "ground_truth", "batch_size": 8, "max_new_tokens": 5},
         "stage2": {"data": "mine/regressions.jsonl", "adapters": "stage1", "out": "stage2",
                    "train": {**train, "lr": 1e-4}},
+        # stage 3 answers with the base model and keeps the stage-1 twig beside the new gate (run stage 2
+        # first and point `model`/`adapters` at stage2/ to gate the post-SFT model instead)
+        "labels_stage3": {"records": "gate.jsonl", "out": "labels3/answers.jsonl", "budgets": [64, 256, 576, 1024],
+                          "max_new_tokens": 5, "batch_size": 16},
+        "stage3": {"answers": "labels3/answers.jsonl", "adapters": "stage1", "out": "stage3",
+                   "train": {**train, "epochs": 8, "save_every": 50, "lr": 3e-4}},
     }
     (out / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     return out
@@ -68,8 +79,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--n", type=int, default=128)
     p.add_argument("--grid", type=int, default=16)
+    p.add_argument("--n-gate", type=int, help="stage-3 questions (default: --n)")
     args = p.parse_args(argv)
-    print(write_setup(args.out, args.model, args.n, args.grid) / "recipe.yaml")
+    print(write_setup(args.out, args.model, args.n, args.grid, args.n_gate) / "recipe.yaml")
     return 0
 
 
