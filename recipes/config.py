@@ -72,6 +72,9 @@ class LabelRules(_Section):
     bg_ratio: float = 0.05
     max_box_fraction: float = 0.5
     min_peak: float = 5e-3
+    # beyond SPEC: train only on samples whose teacher response matches a ground-truth answer (rule judge,
+    # VQA accuracy >= 0.5). A weak teacher spreads its attention over every candidate when it is wrong.
+    require_correct: bool = False
 
 
 class Stage1Section(_Section):

@@ -18,6 +18,7 @@ from qzoom_adapters.twig import TwigRPN
 
 from .config import LabelsStage1Section, RecipeConfig
 from .data import fixed_grid_view, load_image, read_records
+from .judge import RuleJudge
 from .label_store import LabelStore, LabelWriter
 from .models import batch_to, freeze, load_backbone
 from .progress import progress
@@ -101,7 +102,15 @@ class Stage1Dataset(torch.utils.data.Dataset):
         self.records = [r for r in records if r.id in store]
         if not self.records:
             raise QZoomError(f"none of the records has labels in {store.folder}")
+        if rules.require_correct:
+            judge = RuleJudge("vqa")
+            labelled = len(self.records)
+            self.records = [r for r in self.records if judge.score(store.meta[r.id].get("response", ""), r.answers) >= 0.5]
+            if not self.records:
+                raise QZoomError(f"rules.require_correct: the teacher answered none of the {labelled} labelled records "
+                                 "correctly; label more records or turn the rule off")
         self.store, self.spec, self.rules = store, spec, rules
+        self.thresholds = rules.model_dump(exclude={"require_correct"})
         self.grid = int(store.settings["grid"])
 
     def __len__(self):
@@ -112,7 +121,7 @@ class Stage1Dataset(torch.utils.data.Dataset):
         A, S = self.store.maps(rec.id)
         image = load_image(rec)
         pad = padding_cells(image.size, A.shape)
-        tri = tristate_labels(A, S, pad, **self.rules.model_dump())
+        tri = tristate_labels(A, S, pad, **self.thresholds)
         view, pixels = fixed_grid_view(self.spec, image, self.grid)
         return {"view": view, "pixels": pixels, "question": rec.question, "labels": tri.labels, "valid": tri.valid}
 

@@ -530,3 +530,27 @@ def test_teacher_bans_image_placeholders(tmp_path):
     recs = read_records(cfg.labels_stage1.records)[:2]
     out = teacher.run([load_image(r) for r in recs], [r.question for r in recs], [4])
     assert out.row_mask.any()  # responses were generated (and re-read by the probe without error)
+
+
+def test_require_correct_keeps_only_samples_the_teacher_answered_right(tmp_path):
+    """rules.require_correct: a sample counts only when its stored teacher response matches a ground truth
+    (normalised exact match, not ANLS: a code one character off is wrong); none right is a clear error."""
+    root = _tiny(tmp_path)
+    cfg = _cfg(root)
+    records = read_records(cfg.labels_stage1.records)[:4]
+    maps = _peaked_maps(records, cfg.labels_stage1.grid)
+    folder = root / "labels_with_responses"
+    writer = LabelWriter(folder, {"grid": cfg.labels_stage1.grid}, 8)
+    replies = [records[0].answers[0].upper() + ".", "x" + records[1].answers[0], "", records[3].answers[0]]
+    for rec, reply in zip(records, replies):
+        writer.add(rec.id, maps[rec.id], torch.zeros_like(maps[rec.id]), {"mode": rec.mode, "response": reply})
+    writer.flush()
+    model, _, spec = load_backbone(cfg.model)
+    rules = cfg.stage1.rules
+    assert len(Stage1Dataset(records, LabelStore(folder), spec, rules)) == 4
+    strict = rules.model_copy(update={"require_correct": True})
+    kept = Stage1Dataset(records, LabelStore(folder), spec, strict)
+    assert [r.id for r in kept.records] == [records[0].id, records[3].id]
+    assert kept[0]["valid"] and "require_correct" not in kept.thresholds
+    with pytest.raises(QZoomError, match="answered none"):
+        Stage1Dataset(records[1:3], LabelStore(folder), spec, strict)
