@@ -216,3 +216,13 @@ def test_code_size_is_set_in_visual_tokens():
             plain += [advance] if p is not largest else []
             assert max(g[1][3] - g[1][1] for g in p.glyphs) * h64 / H <= 10.0 * scale  # px high at 64 tokens
     assert 0.9 * lo <= sum(plain) / len(plain) <= 1.1 * hi
+
+
+def test_oracle_box_cells_cover_exactly_the_cells_the_box_touches():
+    from benchmarks.zoomworld.probes import box_cells
+
+    m = box_cells((150, 0, 151, 99), (1000, 500), 5, 10)  # x in cell 1, y 0..99 -> row 0 only (100 px per row)
+    assert m.sum() == 1 and m[0, 1] == 1
+    m = box_cells((95, 95, 305, 105), (1000, 500), 5, 10)  # touches columns 0..3 and rows 0..1
+    assert m.nonzero().tolist() == [[r, c] for r in (0, 1) for c in range(4)]
+    assert box_cells((0, 0, 1000, 500), (1000, 500), 5, 10).all()
