@@ -226,3 +226,27 @@ def test_oracle_box_cells_cover_exactly_the_cells_the_box_touches():
     m = box_cells((95, 95, 305, 105), (1000, 500), 5, 10)  # touches columns 0..3 and rows 0..1
     assert m.nonzero().tolist() == [[r, c] for r in (0, 1) for c in range(4)]
     assert box_cells((0, 0, 1000, 500), (1000, 500), 5, 10).all()
+
+
+def test_training_script_runs_under_two_processes(tmp_path):
+    """`torchrun --nproc_per_node 2 -m benchmarks.zoomworld.train` (gloo on CPU): the run reports two processes
+    and its planned steps, one model folder is saved; --plan-seconds is refused there with a clear error."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+            "-m", "benchmarks.zoomworld.train", "--batch-size", "1", "--num-workers", "0", "--budgets", "64",
+            "--crop-p", "1.0"]
+    run = subprocess.run(base + ["--out", str(tmp_path / "ddp"), "--steps", "2"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    done = json.loads((tmp_path / "ddp" / "training_complete.json").read_text())
+    assert done["processes"] == 2 and done["step"] == 2 and (tmp_path / "ddp" / "model" / "config.json").is_file()
+    refused = subprocess.run(base + ["--out", str(tmp_path / "plan"), "--plan-seconds", "5"], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "--plan-seconds measures one process" in refused.stderr

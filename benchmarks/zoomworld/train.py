@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import random
 import time
 from pathlib import Path
@@ -243,18 +244,26 @@ def train(out, steps: int | None, batch_size: int = 32, lr: float = 1e-3, num_wo
 
         model = load_backbone(init)[0].float()
     model.train()
-    objective = AnswerObjective(model.to("cuda" if torch.cuda.is_available() else "cpu"), processor)
+    # one process per GPU under `accelerate launch` / torchrun: each process trains on its own device
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
+    objective = AnswerObjective(model.to(device), processor)
     collate = AnswerCollate(processor, tuple(budgets))
     probe = None
+    if plan_seconds is not None and world > 1:
+        from qzoom_adapters.errors import QZoomError
+
+        raise QZoomError("--plan-seconds measures one process; with several processes give --steps and "
+                         "--max-seconds (all processes stop together at the time budget)")
     if plan_seconds is not None:
         probe = measure(objective, collate, batch_size, num_workers, crop_p=crop_p)
         steps = max(1, int(0.95 * (plan_seconds - probe["startup_s"]) / probe["step_s"]))
         print(json.dumps({"plan": probe, "steps": steps}, indent=1), flush=True)
     cfg = TrainSection(lr=lr, weight_decay=0.01, warmup_ratio=0.03, max_steps=steps, batch_size=batch_size,
-                       effective_batch=batch_size, save_every=max(1, min(1000, steps)), seed=seed,
+                       effective_batch=batch_size * world, save_every=max(1, min(1000, steps)), seed=seed,
                        num_workers=num_workers, log_every=max(1, min(50, steps)))
     # a continued run draws fresh scenes: seed s > 0 starts the stream at s million (all below the val seeds)
-    dataset = StreamDataset(steps * batch_size, base=1_000 + (seed % 9) * 10**6 if init else 1_000, crop_p=crop_p)
+    dataset = StreamDataset(steps * batch_size * world, base=1_000 + (seed % 9) * 10**6 if init else 1_000, crop_p=crop_p)
 
     def save(module, out_dir):
         # a bf16 copy is what ships (~12 MB); the training weights stay fp32

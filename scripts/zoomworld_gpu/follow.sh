@@ -17,4 +17,4 @@ if [ -d "$RUN/out/model" ]; then
     cp "$RUN/out/model/$f" "$OUT/model/" 2>/dev/null
   done
 fi
-nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv
