@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.forced_box import with_sink_mask
 from benchmarks.plots import line_plot
 from benchmarks.provenance import git_commit, machine
 
@@ -236,7 +237,7 @@ BOX_SIDE = 0.5  # the fixed box's side is about BOX_SIDE / 2 of each grid side (
 def fixed_box_spec(spec):
     """The backbone's spec whose sink mask keeps only a centred box, so with `roi_threshold` 0 the twig's box is
     that box whatever the (random) heatmap; everything else, the twig's computation included, is unchanged."""
-    def sink_mask(self, h_t: int, w_t: int, **ctx) -> torch.Tensor:
+    def centred(h_t: int, w_t: int) -> torch.Tensor:
         keep = torch.zeros(h_t, w_t)
         dh, dw = max(1, round(h_t * BOX_SIDE / 2)), max(1, round(w_t * BOX_SIDE / 2))
         keep[h_t // 2 - dh // 2 + 1 : h_t // 2 + dh // 2, w_t // 2 - dw // 2 + 1 : w_t // 2 + dw // 2] = 1
@@ -244,8 +245,7 @@ def fixed_box_spec(spec):
             keep[h_t // 2, w_t // 2] = 1
         return keep
 
-    cls = type(f"FixedBox{type(spec).__name__}", (type(spec),), {"sink_mask": sink_mask})
-    return cls(spec.model)
+    return with_sink_mask(spec, centred, "FixedBox")
 
 
 def _zoom(bb: Backbone, budget: int, gate: bool):

@@ -105,7 +105,7 @@ class Stage1Dataset(torch.utils.data.Dataset):
         if rules.require_correct:
             judge = RuleJudge("vqa")
             labelled = len(self.records)
-            self.records = [r for r in self.records if judge.score(store.meta[r.id].get("response", ""), r.answers) >= 0.5]
+            self.records = [r for r in self.records if judge.score(store.meta[r.id].get("response", ""), r.answers) >= judge.threshold]
             if not self.records:
                 raise QZoomError(f"rules.require_correct: the teacher answered none of the {labelled} labelled records "
                                  "correctly; label more records or turn the rule off")

@@ -37,6 +37,14 @@ def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int) -> list[in
     return perm[rank::world][:per]
 
 
+def process_state():
+    """accelerate's state of this process, set up as the trainer's Accelerator sets it up (CPU processes under
+    torchrun use gloo): callers that need the process count or device before the Trainer exists use this."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 class Trainer:
     """Train `module` on `dataset`; `save_outputs(module, out_dir)` writes the final artefacts."""
 
@@ -142,15 +150,12 @@ class Trainer:
                         acc.backward(loss * w)
                     loss_sum += float(loss.detach()) * w / acc.num_processes
                     seen += cfg.batch_size * acc.num_processes
-                if cfg.grad_clip:
-                    norm = acc.clip_grad_norm_(params, cfg.grad_clip)
-                else:
-                    norm = torch.linalg.vector_norm(torch.stack([p.grad.detach().float().norm() for p in params
-                                                                 if p.grad is not None] or [torch.zeros(())]))
+                # the total norm (clipping at inf clips nothing); DDP has averaged the gradients, so every
+                # process sees the same value and skips the same steps
+                norm = acc.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
                 if not math.isfinite(float(norm)):
                     # one bad batch (overflow in low precision) must not poison the weights: skip its update
                     skipped += 1
-                    opt.zero_grad(set_to_none=True)
                     acc.print(f"step {step + 1}: non-finite gradient (loss {loss_sum}), update skipped "
                               f"({skipped} so far)")
                     if skipped > self.max_skipped:

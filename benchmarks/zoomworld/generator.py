@@ -109,13 +109,13 @@ def make_scene(seed: int) -> tuple[Image.Image, list[Plate]]:
         font = _font(size)
         l, t, r, b = draw.textbbox((0, 0), code, font=font)
         pad_x, pad_y = size // 2, size // 3
-        layouts.append([colour, code, font, (l, t, r, b), pad_x, pad_y, (r - l) + 2 * pad_x, (b - t) + 2 * pad_y])
+        layouts.append((colour, code, font, (l, t, r, b), pad_x, pad_y, (r - l) + 2 * pad_x, (b - t) + 2 * pad_y))
     # narrow characters can make a large font's plate small: widen the largest plate to >= 1.5x any other's area
     others = max((w * h for *_, w, h in layouts[1:]), default=0)
-    first = layouts[0]
-    while first[6] * first[7] < 1.5 * others:
-        first[4] += 2
-        first[6] += 4
+    colour, code, font, bbox, pad_x, pad_y, w, h = layouts[0]
+    while w * h < 1.5 * others:
+        pad_x, w = pad_x + 2, w + 4
+    layouts[0] = (colour, code, font, bbox, pad_x, pad_y, w, h)
     plates, taken = [], []
     # the largest first, so that a crowded scene never drops it (placement can fail for small plates only)
     for colour, code, font, (l, t, r, b), pad_x, pad_y, w, h in layouts:

@@ -18,6 +18,8 @@ import random
 
 import torch
 
+from benchmarks.forced_box import with_sink_mask
+
 from .generator import VAL_SEED, make_sample
 from .model import FACTOR
 from .scoring import exact_match
@@ -33,10 +35,7 @@ def box_cells(box, size, h_t: int, w_t: int) -> torch.Tensor:
 
 def oracle_spec(spec, target: dict):
     """The backbone's spec whose sink mask keeps only `target["box"]` of an image of `target["size"]`."""
-    def sink_mask(self, h_t: int, w_t: int, **ctx) -> torch.Tensor:
-        return box_cells(target["box"], target["size"], h_t, w_t)
-
-    return type(f"Oracle{type(spec).__name__}", (type(spec),), {"sink_mask": sink_mask})(spec.model)
+    return with_sink_mask(spec, lambda h_t, w_t: box_cells(target["box"], target["size"], h_t, w_t), "Oracle")
 
 
 @torch.no_grad()

@@ -39,14 +39,15 @@ def write_setup(out, model_dir, n: int = 128, grid: int = 16, n_gate: int | None
     `gate.jsonl` (stage 3, two detail questions for one global) and `recipe.yaml` under `out`."""
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    def records(name: str, start: int, families: tuple, count: int, box: bool = False) -> None:
+        write_jsonl(out / name, [_record(out, make_sample(start + i, families[i % len(families)]), box=box)
+                                 for i in range(count)])
+
     # stage 1: detail questions with their boxes; stage 2 and stage 3: detail and global questions on other scenes
-    write_jsonl(out / "records.jsonl", [_record(out, make_sample(RECIPE_SEED + i, "detail"), box=True)
-                                        for i in range(n)])
-    write_jsonl(out / "pool.jsonl", [_record(out, make_sample(RECIPE_SEED + 100_000 + i, ("detail", "global")[i % 2]))
-                                     for i in range(n)])
+    records("records.jsonl", RECIPE_SEED, ("detail",), n, box=True)
+    records("pool.jsonl", RECIPE_SEED + 100_000, ("detail", "global"), n)
     # few detail questions survive the consistency filter (right at both top budgets), so they are 2 in 3 here
-    write_jsonl(out / "gate.jsonl", [_record(out, make_sample(RECIPE_SEED + 200_000 + i, ("detail", "detail", "global")[i % 3]))
-                                     for i in range(n if n_gate is None else n_gate)])
+    records("gate.jsonl", RECIPE_SEED + 200_000, ("detail", "detail", "global"), n if n_gate is None else n_gate)
     train = {"lr": 1e-3, "batch_size": 8, "effective_batch": 8, "epochs": 3, "save_every": 20, "warmup_ratio": 0.1}
     recipe = {
         "model": {"path": str(Path(model_dir).resolve()), "dtype": "float32"},

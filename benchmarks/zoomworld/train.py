@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -236,7 +235,7 @@ def train(out, steps: int | None, batch_size: int = 32, lr: float = 1e-3, num_wo
     """Train (or continue from `init`, a saved model folder) for `steps`, or as many as `plan_seconds` allow
     at the measured throughput (the cosine schedule then ends on time)."""
     from recipes.config import TrainSection
-    from recipes.trainer import Trainer
+    from recipes.trainer import Trainer, process_state
 
     model, processor = new_model(seed)
     if init is not None:
@@ -245,9 +244,9 @@ def train(out, steps: int | None, batch_size: int = 32, lr: float = 1e-3, num_wo
         model = load_backbone(init)[0].float()
     model.train()
     # one process per GPU under `accelerate launch` / torchrun: each process trains on its own device
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
-    objective = AnswerObjective(model.to(device), processor)
+    state = process_state()
+    world = state.num_processes
+    objective = AnswerObjective(model.to(state.device), processor)
     collate = AnswerCollate(processor, tuple(budgets))
     probe = None
     if plan_seconds is not None and world > 1:
@@ -294,7 +293,10 @@ def main(argv=None) -> int:
     result = train(args.out, args.steps, args.batch_size, args.lr, args.num_workers, args.seed,
                    max_seconds=args.max_seconds, init=args.init, plan_seconds=args.plan_seconds,
                    budgets=[int(b) for b in args.budgets.split(",")], crop_p=args.crop_p)
-    print(json.dumps(result, indent=1))
+    from recipes.trainer import process_state
+
+    if process_state().is_main_process:  # every process returns the same summary
+        print(json.dumps(result, indent=1))
     return 0
 
 
