@@ -250,3 +250,28 @@ def test_training_script_runs_under_two_processes(tmp_path):
     refused = subprocess.run(base + ["--out", str(tmp_path / "plan"), "--plan-seconds", "5"], env=env,
                              capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "--plan-seconds measures one process" in refused.stderr
+
+
+def test_detail_samples_never_ask_the_largest_plate():
+    """Its code is drawn LARGEST x bigger (readable at the lowest budget); every other plate can be asked."""
+    asked = 0
+    for i in range(40):
+        s = make_sample(VAL_SEED + i, "detail")
+        largest = max(s.plates, key=lambda p: p.area)
+        assert s.kind == "code" and s.box != largest.box
+        assert s.answer == next(p.code for p in s.plates if p.box == s.box)
+        asked += 1
+    assert asked == 40
+
+
+def test_threshold_choice_keeps_the_detail_fire_rate_at_every_budget():
+    from benchmarks.zoomworld.threshold import choose
+
+    fam = ["detail"] * 4 + ["global"] * 4
+    probs = {64: [0.9, 0.8, 0.7, 0.95, 0.1, 0.75, 0.2, 0.3], 128: [0.85, 0.6, 0.75, 0.9, 0.1, 0.1, 0.65, 0.2]}
+    got = choose(probs, fam, fire=0.75)  # 3 of 4 detail must fire at both budgets
+    assert got["threshold"] == 0.75  # 0.8 keeps 3/4 at 64 but only 2/4 at 128
+    assert got["rates"][64] == {"fires_detail": 0.75, "skips_global": 0.75}
+    assert got["rates"][128] == {"fires_detail": 0.75, "skips_global": 1.0}
+    with pytest.raises(ValueError):
+        choose({64: [0.1, 0.9]}, ["detail", "global"], fire=1.0 + 1e-9)

@@ -6,7 +6,9 @@ pixels: one character advances 26-34 px of the image *as resized to 1024 visual 
 token is 28 px there, so about one token per character; the largest plate's code is 1.35x that).
 At 256 tokens two characters share a token, at 64 tokens the whole ~8 px-high code fits in about
 one token: readable at 1024 tokens, at full resolution or in a crop, not at 64. Questions:
-* detail: "What is written on the red plate?" -> the code; box = that plate (needs the zoom);
+* detail: "What is written on the red plate?" -> the code; box = that plate (needs the zoom). Benchmark
+  samples never ask the largest plate: its code is drawn 1.35x bigger, and a trained model reads it at 64
+  tokens (half of them, run 9), which no other code allows;
 * global: "How many plates are there?" -> the count (box None), or "What colour is the largest
   plate?" -> its colour; box = that plate (both answerable at low resolution).
 Everything is a function of the seed (deterministic, tested).
@@ -142,13 +144,18 @@ def scene_questions(plates: list[Plate]) -> list[tuple[str, str, str, str, tuple
 
 
 def make_sample(seed: int, family: str | None = None) -> Sample:
-    """One question about one scene; `family` None draws detail or global with equal odds."""
+    """One question about one scene; `family` None draws detail or global with equal odds. Detail questions
+    never ask the largest plate (its enlarged code is readable at the lowest budget)."""
     image, plates = make_scene(seed)
     rng = random.Random(seed * 7919 + 1)
     family = family or rng.choice(["detail", "global"])
     if family not in ("detail", "global"):
         raise ValueError(f"family must be 'detail' or 'global', got {family!r}")
-    q, a, family, kind, box = rng.choice([x for x in scene_questions(plates) if x[2] == family])
+    largest = max(plates, key=lambda p: p.area).box
+    # the largest plate's code is drawn LARGEST x bigger and a trained model reads it at 64 tokens, so detail
+    # questions ask the other plates only (training still asks every plate: it teaches reading)
+    q, a, family, kind, box = rng.choice([x for x in scene_questions(plates) if x[2] == family
+                                          and not (x[3] == "code" and x[4] == largest)])
     return Sample(f"zw-{seed}", seed, image, q, a, family, kind, box, plates)
 
 

@@ -297,6 +297,8 @@ def main(argv=None) -> int:
 
     if process_state().is_main_process:  # every process returns the same summary
         print(json.dumps(result, indent=1))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # under torchrun: leave the process group cleanly
     return 0
 
 
