@@ -264,15 +264,17 @@ def test_detail_samples_never_ask_the_largest_plate():
     assert asked == 40
 
 
-def test_threshold_choice_keeps_the_detail_fire_rate_at_every_budget():
-    from benchmarks.zoomworld.threshold import choose
+def test_threshold_choice_maximises_the_worst_rate_over_budgets():
+    from benchmarks.zoomworld.threshold import choose, rates
 
     fam = ["detail"] * 4 + ["global"] * 4
     probs = {64: [0.9, 0.8, 0.7, 0.95, 0.1, 0.75, 0.2, 0.3], 128: [0.85, 0.6, 0.75, 0.9, 0.1, 0.1, 0.65, 0.2]}
-    got = choose(probs, fam, fire=0.75)  # 3 of 4 detail must fire at both budgets
-    # 0.8 keeps 3/4 at 64 but only 2/4 at 128; 0.75 does, and the next probability below it is 0.7
-    assert got["threshold"] == pytest.approx(0.725)
-    assert got["rates"][64] == {"fires_detail": 0.75, "skips_global": 0.75}
-    assert got["rates"][128] == {"fires_detail": 0.75, "skips_global": 1.0}
-    with pytest.raises(ValueError):
-        choose({64: [0.1, 0.9]}, ["detail", "global"], fire=1.0 + 1e-9)
+    got = choose(probs, fam)
+    # no threshold separates both budgets; the worst rate is at most 3/4, reached in the gaps 0.3-0.6 (one global
+    # question fires at each budget) and 0.65-0.7 (a 128-token detail question is missed): the wider one wins
+    assert got["threshold"] == pytest.approx(0.45) and got["worst_rate"] == 0.75
+    assert got["rates"] == rates(probs, fam, 0.45)
+    assert got["rates"][64] == {"fires_detail": 1.0, "skips_global": 0.75}
+    assert got["rates"][128] == {"fires_detail": 1.0, "skips_global": 0.75}
+    sep = choose({64: [0.99, 0.97, 0.2, 0.5]}, ["detail", "detail", "global", "global"])
+    assert sep["worst_rate"] == 1.0 and sep["threshold"] == pytest.approx(0.735)  # the middle of the widest gap

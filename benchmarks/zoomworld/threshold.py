@@ -3,10 +3,9 @@
     python -m benchmarks.zoomworld.threshold --model DEFAULT_DIR [--n 64] [--budgets 64,128] [--write]
 
 Runs the gate (zoom off) on `n` validation questions, half detail and half global, at each budget, and
-finds the highest threshold at which the gate still fires on at least `--fire` of the detail questions at
-every budget (the highest such threshold skips the most global questions), then moves it down to the middle
-of the gap below it (the same decisions on these questions, with the widest margin). `--write` stores it in
-the folder's `adapter_config.json` (only that file is rewritten).
+picks the threshold whose worst rate is best: the largest min over budgets of min(share of detail questions
+it fires on, share of global questions it skips), the middle of the widest gap among those tied.
+`--write` stores it in the folder's `adapter_config.json` (only that file is rewritten).
 """
 from __future__ import annotations
 
@@ -35,24 +34,29 @@ def gate_probs(zoom, spec, processor, samples, budget: int, batch_size: int = 16
     return probs
 
 
-def choose(probs: dict, families: list[str], fire: float = 0.9) -> dict:
-    """The threshold and the rates it gives per budget: t, the highest detail probability with fire rate >=
-    `fire` on detail at every budget, moved down to the middle of t and the highest probability below it."""
-    def rates(t):
-        out = {}
-        for b, p in probs.items():
-            det = [x >= t for x, f in zip(p, families) if f == "detail"]
-            glob = [x < t for x, f in zip(p, families) if f == "global"]
-            out[b] = {"fires_detail": sum(det) / len(det), "skips_global": sum(glob) / len(glob)}
-        return out
+def rates(probs: dict, families: list[str], t: float) -> dict:
+    """Per budget: the share of detail questions the gate fires on at threshold `t`, and of global ones it skips."""
+    out = {}
+    for b, p in probs.items():
+        det = [x >= t for x, f in zip(p, families) if f == "detail"]
+        glob = [x < t for x, f in zip(p, families) if f == "global"]
+        out[b] = {"fires_detail": sum(det) / len(det), "skips_global": sum(glob) / len(glob)}
+    return out
 
-    candidates = sorted({x for p in probs.values() for x, f in zip(p, families) if f == "detail"}, reverse=True)
-    for t in candidates:
-        r = rates(t)
-        if all(v["fires_detail"] >= fire for v in r.values()):
-            below = max((x for p in probs.values() for x in p if x < t), default=0.0)
-            return {"threshold": (t + below) / 2, "rates": r}
-    raise ValueError("no threshold fires on enough detail questions (is the gate trained?)")
+
+def choose(probs: dict, families: list[str]) -> dict:
+    """The threshold (a midpoint between two neighbouring probabilities) that maximises the worst of the rates
+    over budgets; among ties, the middle of the widest gap. Returns it with its rates per budget."""
+    xs = sorted({0.0, 1.0, *(x for p in probs.values() for x in p)})
+    best = None
+    for lo, hi in zip(xs, xs[1:]):
+        t = (lo + hi) / 2
+        r = rates(probs, families, t)
+        worst = min(min(v.values()) for v in r.values())
+        key = (worst, hi - lo)
+        if best is None or key > best[0]:
+            best = (key, t, r)
+    return {"threshold": best[1], "worst_rate": best[0][0], "rates": best[2]}
 
 
 def main(argv=None) -> int:
@@ -62,14 +66,13 @@ def main(argv=None) -> int:
     p.add_argument("--model", required=True, help="a default folder (model/ + adapters)")
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--budgets", default="64,128")
-    p.add_argument("--fire", type=float, default=0.9, help="least share of detail questions the gate must fire on")
     p.add_argument("--write", action="store_true", help="store the threshold in the folder's adapter_config.json")
     args = p.parse_args(argv)
     zoom, spec, processor = load_default(args.model)
     samples = [make_sample(VAL_SEED + i, "detail" if i % 2 == 0 else "global") for i in range(args.n)]
     families = [s.family for s in samples]
     probs = {int(b): gate_probs(zoom, spec, processor, samples, int(b)) for b in args.budgets.split(",")}
-    chosen = choose(probs, families, args.fire)
+    chosen = choose(probs, families)
     chosen["threshold"] = round(chosen["threshold"], 4)
     chosen["n"] = args.n
     chosen["probabilities"] = {b: {f: [round(min(x for x, g in zip(p, families) if g == f), 4),
