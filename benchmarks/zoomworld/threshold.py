@@ -1,6 +1,6 @@
 """Choose a ZoomWorld default's gate threshold on validation questions (never on test).
 
-    python -m benchmarks.zoomworld.threshold --model DEFAULT_DIR [--n 64] [--budgets 64,128] [--write]
+    python -m benchmarks.zoomworld.threshold --model DEFAULT_DIR [--n 96] [--budgets 64,128,256] [--write]
 
 Runs the gate (zoom off) on `n` validation questions, half detail and half global, at each budget, and
 picks the threshold whose worst rate is best: the largest min over budgets of min(share of detail questions
@@ -64,8 +64,8 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a default folder (model/ + adapters)")
-    p.add_argument("--n", type=int, default=64)
-    p.add_argument("--budgets", default="64,128")
+    p.add_argument("--n", type=int, default=96)
+    p.add_argument("--budgets", default="64,128,256", help="the global budgets Q-Zoom is run at")
     p.add_argument("--write", action="store_true", help="store the threshold in the folder's adapter_config.json")
     args = p.parse_args(argv)
     zoom, spec, processor = load_default(args.model)
