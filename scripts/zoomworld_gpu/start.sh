@@ -23,9 +23,9 @@ SECONDS_BUDGET=${SECONDS_BUDGET:-880}   # training time; the plan fits the cosin
 NPROC=${NPROC:-$(python3 -c "import torch; print(max(1, torch.cuda.device_count()))")}
 mkdir -p "$RUN"
 if [ "$NPROC" -gt 1 ]; then
-  # one process per GPU; the plan probe measures one process, so the steps are given: run 8 took 0.30 s a
-  # step of 64 on one H200; 0.34 s is planned for DDP's all-reduce (the time budget stops a slower run)
-  launch=(torchrun --nproc_per_node "$NPROC" -m benchmarks.zoomworld.train --steps "${STEPS:-$((SECONDS_BUDGET * 100 / 34))}")
+  # one process per GPU; the plan probe measures one process, so the steps are given: run 9 (2 H200s, 15
+  # workers each) took 0.38 s a step of 2 x 64 (the time budget stops a slower run, schedule unfinished)
+  launch=(torchrun --nproc_per_node "$NPROC" -m benchmarks.zoomworld.train --steps "${STEPS:-$((SECONDS_BUDGET * 100 / 38))}")
   WORKERS=${WORKERS:-$(( ($(nproc) - NPROC) / NPROC ))}
 else
   launch=(python3 -m benchmarks.zoomworld.train --plan-seconds "$SECONDS_BUDGET")
