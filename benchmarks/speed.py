@@ -20,7 +20,9 @@ to token ids (`prep_s`, the processor on the host, is reported beside them). The
 (counted by torch's FlopCounterMode on the plain forward) / the measured bf16 matmul rate, and decode bytes per
 step (decoder weights + the KV cache read) / the measured device copy bandwidth.
 
-Writes a JSON report, a Markdown table and a latency plot (PNG) side by side.
+Writes a JSON report, a Markdown table and a latency plot (PNG) side by side: by default in `./qzoom-bench/` of the
+current directory (`default_out`), never in `benchmarks/results/` (whose committed files the README links) unless
+`out` points there.
 """
 from __future__ import annotations
 
@@ -38,7 +40,14 @@ from benchmarks.forced_box import with_sink_mask
 from benchmarks.plots import line_plot
 from benchmarks.provenance import git_commit, machine
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "speed.json"
+RESULTS_OUT = Path(__file__).resolve().parent / "results" / "speed.json"  # the committed results
+
+
+def default_out() -> Path:
+    """Where a run without an explicit `out` writes: `./qzoom-bench/speed.json` in the current directory. Only an
+    explicit `out` (e.g. `RESULTS_OUT`) replaces the committed results in benchmarks/results/."""
+    return Path.cwd() / "qzoom-bench" / RESULTS_OUT.name
+
 BUDGETS = (256, 576, 1024, 2048, 4096)
 BATCH_SIZES = (1, 4, 8, 16)
 NEW_TOKENS = (16, 64)
@@ -449,7 +458,7 @@ def bench(out=None, quick: bool = False, device: str | None = None, backbones=No
     unknown = [b for b in backbones if b not in SHAPES and b != "tiny_qwen2_5_vl"]
     if unknown:
         raise SystemExit(f"unknown backbone(s) {unknown}; choose from {sorted(SHAPES)} or tiny_qwen2_5_vl")
-    out = Path(out or DEFAULT_OUT)
+    out = Path(out) if out else default_out()
     t_start = time.perf_counter()
     floors = {"matmul_flops_per_s": matmul_flops_per_s(dev, dtype, quick), "copy_bytes_per_s": copy_bytes_per_s(dev, quick)}
     image = synthetic_image(*((320, 240) if quick else SOURCE_SIZE), seed=1)

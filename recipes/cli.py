@@ -57,13 +57,22 @@ def _infer(args) -> int:
     return 0
 
 
-def _bench_zoomworld(args) -> int:
-    from benchmarks.zoomworld.bench import DEFAULT_OUT, bench, markdown_table
+def _where(out: Path, explicit: bool, results: Path) -> str:
+    """Where a bench wrote, and, without --out, how to update the committed results instead."""
+    if explicit:
+        return str(out)
+    return (f"{out} (no --out given: benchmarks/results/ is left alone; "
+            f"--out {results.relative_to(results.parents[2])} updates the committed results)")
 
-    out = Path(args.out or DEFAULT_OUT)
+
+def _bench_zoomworld(args) -> int:
+    from benchmarks.zoomworld.bench import RESULTS_OUT, bench, default_out, markdown_table
+
+    out = Path(args.out) if args.out else default_out()
     report = bench(args.model, args.n, args.batch_size, out, args.device, args.quick)
     print(markdown_table(report))
-    print(f"report -> {out} (+ {out.with_suffix('.md').name}, {out.with_suffix('.png').name})")
+    print(f"report -> {_where(out, bool(args.out), RESULTS_OUT)} (+ {out.with_suffix('.md').name}, "
+          f"{out.with_suffix('.png').name})")
     return 0
 
 
@@ -72,14 +81,15 @@ def _ints(text: str | None):
 
 
 def _bench_speed(args) -> int:
-    from benchmarks.speed import DEFAULT_OUT, bench, markdown_table
+    from benchmarks.speed import RESULTS_OUT, bench, default_out, markdown_table
 
-    out = Path(args.out or DEFAULT_OUT)
+    out = Path(args.out) if args.out else default_out()
     report = bench(out, args.quick, args.device, args.backbones.split(",") if args.backbones else None,
                    _ints(args.budgets), _ints(args.batch_sizes), _ints(args.new_tokens), args.repeats,
                    args.max_seconds, args.append)
     print(markdown_table(report))
-    print(f"report -> {out} (+ {out.with_suffix('.md').name} and a latency plot per backbone)")
+    print(f"report -> {_where(out, bool(args.out), RESULTS_OUT)} (+ {out.with_suffix('.md').name} and a latency "
+          "plot per backbone)")
     return 0
 
 
@@ -233,8 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     bz.add_argument("--model", help="default folder (default: the shipped benchmarks/zoomworld/default)")
     bz.add_argument("--n", type=int, help="test samples (default 300; 8 with --quick)")
     bz.add_argument("--batch-size", type=int, default=16)
-    bz.add_argument("--out", help="JSON report, with its .md and .png beside it "
-                                  "(default: benchmarks/results/zoomworld_bench.json)")
+    bz.add_argument("--out", help="JSON report, with its .md and .png beside it (default: "
+                                  "./qzoom-bench/zoomworld_bench.json in the current directory; pass "
+                                  "benchmarks/results/zoomworld_bench.json to update the committed results)")
     bz.add_argument("--device", help="default: cuda if available, else cpu")
     bz.add_argument("--quick", action="store_true", help="smoke run: n=8, baseline at 64 and 256, Q-Zoom at 64")
     bz.set_defaults(func=_bench_zoomworld)
@@ -254,7 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     bs.add_argument("--max-seconds", type=float, help="per backbone: stop starting new configurations after this "
                                                       "long (the rest are listed as skipped)")
     bs.add_argument("--append", action="store_true", help="keep the other backbones' rows of an existing --out")
-    bs.add_argument("--out", help="JSON report (default: benchmarks/results/speed.json)")
+    bs.add_argument("--out", help="JSON report, with its .md and plots beside it (default: ./qzoom-bench/speed.json "
+                                  "in the current directory; pass benchmarks/results/speed.json to update the "
+                                  "committed results)")
     bs.add_argument("--device", help="default: cuda if available, else cpu")
     bs.set_defaults(func=_bench_speed)
     return p

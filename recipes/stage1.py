@@ -32,7 +32,7 @@ def stage1_prompt(record, sec: LabelsStage1Section) -> str:
     q = record.question.strip()
     if record.mode == "textual":
         return q
-    if q.endswith(sec.answer_suffix):
+    if sec.answer_suffix and q.endswith(sec.answer_suffix):  # an empty suffix strips nothing
         q = q[: -len(sec.answer_suffix)].rstrip()
     return f"{q}\n{sec.grounding_prompt}"
 

@@ -53,7 +53,7 @@ def test_demo_runs_and_writes_pictures(untrained_default, tmp_path, capsys):
     assert sorted(p.name for p in out.glob("*.png")) == ["sample_0.png", "sample_1.png", "sample_2.png"]
     for i, s in enumerate(samples):
         with Image.open(out / f"sample_{i}.png") as png:
-            assert png.size == s.image.size
+            assert png.width == s.image.width and png.height > s.image.height  # the caption band below
         block = text.split(f"[{i + 1}/3] {s.id} ({s.family}) {s.question}\n", 1)[1]
         gate_line, answer_line = block.splitlines()[:2]
         assert "gate=" in gate_line and "zoomed=" in gate_line

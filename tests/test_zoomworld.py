@@ -198,7 +198,7 @@ def test_code_size_is_set_in_visual_tokens():
     """A character advances about one merged token (28 px) of the 1024-token view, and the code is a few
     pixels high at 64 tokens (too small to read), whatever the scene's size."""
     from benchmarks.zoomworld.batches import budget_size
-    from benchmarks.zoomworld.generator import ADVANCE_1024, LARGEST
+    from benchmarks.zoomworld.generator import ADVANCE_1024
 
     lo, hi = ADVANCE_1024
     plain = []
@@ -211,9 +211,9 @@ def test_code_size_is_set_in_visual_tokens():
         for p in plates:
             (_, (a1, _, _, _)), _, (_, (c1, _, _, _)) = p.glyphs
             advance = (c1 - a1) / 2 * w / W  # first to last character, per character (glyph widths vary)
-            scale = LARGEST if p is largest else 1.0
+            scale = 1.0  # every plate, the largest too
             assert 0.8 * lo * scale <= advance <= 1.5 * hi * scale, (seed, p.colour, advance)
-            plain += [advance] if p is not largest else []
+            plain.append(advance)
             assert max(g[1][3] - g[1][1] for g in p.glyphs) * h64 / H <= 10.0 * scale  # px high at 64 tokens
     assert 0.9 * lo <= sum(plain) / len(plain) <= 1.1 * hi
 
@@ -252,16 +252,65 @@ def test_training_script_runs_under_two_processes(tmp_path):
     assert refused.returncode != 0 and "--plan-seconds measures one process" in refused.stderr
 
 
-def test_detail_samples_never_ask_the_largest_plate():
-    """Its code is drawn LARGEST x bigger (readable at the lowest budget); every other plate can be asked."""
-    asked = 0
+def test_detail_samples_ask_every_plate_and_the_largest_is_large_by_its_margin():
+    """The largest plate's code is drawn at the same scale as the others (no question filter is needed); it
+    is asked like any other plate."""
+    from benchmarks.zoomworld.generator import make_scene
+
+    asked_largest = 0
     for i in range(40):
         s = make_sample(VAL_SEED + i, "detail")
         largest = max(s.plates, key=lambda p: p.area)
-        assert s.kind == "code" and s.box != largest.box
-        assert s.answer == next(p.code for p in s.plates if p.box == s.box)
-        asked += 1
-    assert asked == 40
+        assert s.kind == "code" and s.answer == next(p.code for p in s.plates if p.box == s.box)
+        asked_largest += s.box == largest.box
+    assert asked_largest >= 5
+    for seed in range(12):
+        _, plates = make_scene(VAL_SEED + seed)
+        heights = [max(g[1][3] - g[1][1] for g in p.glyphs) for p in plates]
+        largest = max(range(len(plates)), key=lambda k: plates[k].area)
+        others = [h for k, h in enumerate(heights) if k != largest]
+        if others:  # font sizes are drawn from one range for every plate
+            assert heights[largest] <= 1.4 * max(others), (seed, heights)
+
+
+def test_grounding_answers_round_trip_and_stay_on_the_grid():
+    from benchmarks.zoomworld.generator import box_text, grounding_questions, make_scene, parse_box_text
+
+    image, plates = make_scene(VAL_SEED + 1)
+    for q, a, family, kind, box in grounding_questions(plates, image.size):
+        assert family == "grounding"
+        if kind == "reverse":
+            assert a == next(p.colour for p in plates if p.box == box) and "reads" in q
+            continue
+        back = parse_box_text(a, image.size)
+        assert all(abs(u - v) <= max(image.size) / 1000 + 1 for u, v in zip(back, box))
+        assert all(0 <= int(v) <= 1000 for v in a.strip("[]").split(","))
+    assert box_text((0, 0, 50, 10), (100, 100)) == "[0,0,500,100]"
+    assert parse_box_text("[5,5,5,9]", (100, 100)) is None and parse_box_text("red", (100, 100)) is None
+
+
+def test_training_items_carry_grounding_in_view_coordinates():
+    from benchmarks.zoomworld.generator import parse_box_text
+    from benchmarks.zoomworld.train import StreamDataset
+
+    ds = StreamDataset(40, crop_p=0.3, square_p=0.5)
+    kinds = set()
+    for i in range(40):
+        it = ds[i]
+        for q, a in it["qas"]:
+            if a.startswith("["):
+                box = parse_box_text(a, it["image"].size)
+                assert box is not None
+                kinds.add("box")
+                # the box in the view's coordinates is a plate: its pixels are not the grey pad nor clutter grey
+                x1, y1, x2, y2 = box
+                px = it["image"].getpixel(((x1 + x2) // 2, y1 + max(2, (y2 - y1) // 8)))
+                assert max(px) - min(px) > 60, (i, q, a, px)
+            elif "reads" in q:
+                kinds.add("reverse")
+    assert kinds == {"box", "reverse"}
+    assert all(q for q, _ in StreamDataset(5, grounding=False)[0]["qas"])
+    assert not any(a.startswith("[") for i in range(5) for _, a in StreamDataset(5, grounding=False)[i]["qas"])
 
 
 def test_threshold_choice_maximises_the_worst_rate_over_budgets():
@@ -274,7 +323,21 @@ def test_threshold_choice_maximises_the_worst_rate_over_budgets():
     # question fires at each budget) and 0.65-0.7 (a 128-token detail question is missed): the wider one wins
     assert got["threshold"] == pytest.approx(0.45) and got["worst_rate"] == 0.75
     assert got["rates"] == rates(probs, fam, 0.45)
-    assert got["rates"][64] == {"fires_detail": 1.0, "skips_global": 0.75}
-    assert got["rates"][128] == {"fires_detail": 1.0, "skips_global": 0.75}
+    assert got["rates"][64] == {"fires_detail": 1.0, "skips_global": 0.75, "detail_needing": 4}
+    assert got["rates"][128] == {"fires_detail": 1.0, "skips_global": 0.75, "detail_needing": 4}
     sep = choose({64: [0.99, 0.97, 0.2, 0.5]}, ["detail", "detail", "global", "global"])
     assert sep["worst_rate"] == 1.0 and sep["threshold"] == pytest.approx(0.735)  # the middle of the widest gap
+
+
+def test_threshold_counts_only_the_detail_questions_the_budget_gets_wrong():
+    """A detail question the budget already answers needs no zoom: missing it costs nothing."""
+    from benchmarks.zoomworld.threshold import choose, rates
+
+    fam = ["detail", "detail", "global", "global"]
+    probs = {64: [0.9, 0.3, 0.5, 0.1]}
+    assert rates(probs, fam, 0.6)[64]["fires_detail"] == 0.5
+    need = {64: [True, False, False, False]}  # the 2nd detail question is answered right at 64 tokens
+    assert rates(probs, fam, 0.6, need)[64] == {"fires_detail": 1.0, "skips_global": 1.0, "detail_needing": 1}
+    got = choose(probs, fam, need)
+    assert got["worst_rate"] == 1.0 and 0.5 < got["threshold"] < 0.9
+    assert choose(probs, fam)["worst_rate"] < 1.0  # without `need` the 0.3 question must fire too

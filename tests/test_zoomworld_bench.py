@@ -45,6 +45,9 @@ def test_bench_quick_writes_report_table_and_plot(model, tmp_path, monkeypatch, 
     assert base64["visual_tokens"] < report["baseline"][1]["visual_tokens"]
     n_detail = sum(s.family == "detail" for s in split("test", 8))
     assert q["boxes_scored"] + q["detail_without_box"] == n_detail  # every detail question gets a box or a miss
+    assert q["detail_samples"] == n_detail and 0.0 <= q["box_iou_mean"] <= 1.0  # no box counts IoU 0
+    for key in ("box_iou_mean_with_box", "box_target_area_ratio_mean", "box_target_area_ratio_median"):
+        assert (q[key] is None) == (q["boxes_scored"] == 0) and (q[key] is None or q[key] >= 0)
     assert all(_rate(v) for v in (q["zoom_rate"], q["box_hit_rate"], *q["gate"].values()) if not isinstance(v, int))
     with Image.open(out.with_suffix(".png")) as png:
         assert png.size == PLOT_SIZE
@@ -52,6 +55,7 @@ def test_bench_quick_writes_report_table_and_plot(model, tmp_path, monkeypatch, 
     assert sum(line.startswith("| baseline | ") for line in table) == 2
     assert sum(line.startswith("| Q-Zoom | ") for line in table) == 1
     assert "commit c0ffee" in table[-1]
+    assert "box IoU (detail)" in table[0] and "box / target area: median" in table[0] and "no box (detail)" in table[0]
     assert "| Q-Zoom | 64 |" in capsys.readouterr().out
 
 

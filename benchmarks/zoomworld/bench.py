@@ -6,12 +6,16 @@
 
 Per configuration: accuracy (overall, per family, per kind), mean visual tokens the model actually read, and
 mean latency per sample (wall clock per batch, from PIL images to decoded answers, preprocessing included as
-Q-Zoom's crop re-encoding is, divided by the batch size). For Q-Zoom also the zoom rate, the twig's box hit rate
-on detail questions (the gated run's box where it zoomed, else one run with gate_threshold=0 on those samples:
-the pipeline only makes a box when it zooms) with the boxes' mean share of the image (a box covering the whole
-image always hits), and the gate's decisions against need.
+Q-Zoom's crop re-encoding is, divided by the batch size). For Q-Zoom also the zoom rate, the twig's boxes on
+detail questions (the gated run's box where it zoomed, else one run with gate_threshold=0 on those samples:
+the pipeline only makes a box when it zooms): box hit rate (>= 50% of the target plate covered; a box covering the
+whole image always hits), mean IoU with the target plate (a sample without a box, an empty mask, counts 0; how many
+had none is reported), box area / target area (mean and median) and the boxes' mean share of the image; and the
+gate's decisions against need.
 
-Writes a JSON report, a Markdown table (`.md`) and a Pareto plot (`.png`, drawn with PIL) side by side.
+Writes a JSON report, a Markdown table (`.md`) and a Pareto plot (`.png`, drawn with PIL) side by side: by default
+in `./qzoom-bench/` of the current directory (`default_out`), never in `benchmarks/results/` (whose committed files
+the README links) unless `out` points there.
 """
 from __future__ import annotations
 
@@ -29,12 +33,18 @@ from benchmarks.provenance import git_commit, machine
 
 from .generator import split
 from .model import BUDGETS, FACTOR
-from .scoring import exact_match, mean_or_none, score
+from .scoring import box_metrics, exact_match, mean_or_none, score
 
 QZOOM_BUDGETS = (64, 128, 256)
 QUICK = {"n": 8, "baseline": (64, 256), "qzoom": (64,)}  # a smoke run for tests
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "results" / "zoomworld_bench.json"
+RESULTS_OUT = Path(__file__).resolve().parents[1] / "results" / "zoomworld_bench.json"  # the committed results
 MAX_NEW_TOKENS = 8  # answers are a code, a count or a colour
+
+
+def default_out() -> Path:
+    """Where a run without an explicit `out` writes: `./qzoom-bench/zoomworld_bench.json` in the current directory.
+    Only an explicit `out` (e.g. `RESULTS_OUT`) replaces the committed results in benchmarks/results/."""
+    return Path.cwd() / "qzoom-bench" / RESULTS_OUT.name
 
 
 # --- measuring ------------------------------------------------------------------------------
@@ -117,10 +127,10 @@ def run_qzoom(zoom, processor, samples, budget: int, batch_size: int, device,
     finally:
         zoom.config = saved
     result = score(samples, [{"answer": o.text, "box": b} for o, b in zip(outs, boxes)])
+    boxes_quality = box_metrics(samples, boxes)  # IoU (no box = 0), box area / target area; detail_without_box
     return {"budget": budget, "accuracy": result["accuracy"], "visual_tokens": mean_or_none(o.visual_tokens for o in outs),
             "latency_s": seconds / len(samples), "zoom_rate": mean_or_none(o.zoomed for o in outs),
-            "box_hit_rate": result["box_hit_rate"], "boxes_scored": result["boxes_scored"],
-            "detail_without_box": sum(s.family == "detail" and b is None for s, b in zip(samples, boxes)),
+            "box_hit_rate": result["box_hit_rate"], "boxes_scored": result["boxes_scored"], **boxes_quality,
             "box_area_fraction": mean_or_none((b[2] - b[0]) * (b[3] - b[1]) / (s.image.width * s.image.height)
                                        for s, b in zip(samples, boxes) if s.family == "detail" and b is not None),
             "gate_threshold": gated.gate_threshold, "gate": gate_stats(samples, fired, baseline_correct)}
@@ -144,8 +154,16 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 COLUMNS = ("method", "budget", "visual tokens", "accuracy", "detail", "global", "latency (ms/sample)", "zoom rate",
-           "box hit (detail)", "box / image area", "gate fires: detail, baseline wrong", "gate fires: detail",
+           "box hit (detail)", "box IoU (detail)", "box / target area: mean", "box / target area: median",
+           "no box (detail)", "box / image area", "gate fires: detail, baseline wrong", "gate fires: detail",
            "gate skips: global")
+
+
+def _no_box(r: dict) -> str:
+    if r.get("detail_without_box") is None:
+        return "–"
+    total = r.get("detail_samples")
+    return str(r["detail_without_box"]) if total is None else f"{r['detail_without_box']}/{total}"
 
 
 def markdown_table(report: dict) -> str:
@@ -156,7 +174,9 @@ def markdown_table(report: dict) -> str:
             acc, gate = r["accuracy"], r.get("gate", {})
             cells = [method, str(r["budget"]), _fmt(r["visual_tokens"], 1), _fmt(acc.get("all")),
                      _fmt(acc.get("detail")), _fmt(acc.get("global")), _fmt(1000 * r["latency_s"], 1),
-                     _fmt(r.get("zoom_rate")), _fmt(r.get("box_hit_rate")), _fmt(r.get("box_area_fraction")),
+                     _fmt(r.get("zoom_rate")), _fmt(r.get("box_hit_rate")), _fmt(r.get("box_iou_mean")),
+                     _fmt(r.get("box_target_area_ratio_mean"), 2), _fmt(r.get("box_target_area_ratio_median"), 2),
+                     _no_box(r), _fmt(r.get("box_area_fraction")),
                      _fmt(gate.get("fire_rate_detail_baseline_wrong")), _fmt(gate.get("fire_rate_detail")),
                      _fmt(gate.get("skip_rate_global"))]
             lines.append("| " + " | ".join(cells) + " |")
@@ -164,7 +184,9 @@ def markdown_table(report: dict) -> str:
     lines += ["", f"ZoomWorld test split, n={m['n']}, {m['machine']['device_name']} ({m['machine']['device']}), "
                   f"torch {m['torch']}, transformers {m['transformers']}, commit {m['git_commit'] or 'unknown'}; "
                   f"Q-Zoom crops at the global budget. Latency is per sample, batch size {m['batch_size']}, "
-                  "preprocessing included."]
+                  "preprocessing included. Boxes: the twig's on detail questions (forced where the gate skipped); "
+                  "box hit = >= 50% of the target plate covered, over the boxes; IoU with the target plate over all "
+                  "detail questions, no box (empty mask) = 0; box / target area over the boxes."]
     return "\n".join(lines) + "\n"
 
 
@@ -176,7 +198,7 @@ def bench(model_dir=None, n: int | None = None, batch_size: int = 16, out=None, 
     from .shipped import DEFAULT_DIR, load_default
 
     model_dir = Path(model_dir or DEFAULT_DIR)
-    out = Path(out or DEFAULT_OUT)
+    out = Path(out) if out else default_out()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     n = n if n is not None else QUICK["n"] if quick else 300
     if n < 1 or batch_size < 1:

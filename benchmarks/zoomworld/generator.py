@@ -3,12 +3,11 @@
 A scene is a cluttered 1-2 MP image of a random aspect ratio holding 2-5 plates of distinct colours.
 Each plate carries a 3-character code (capitals and digits). Its size is set in visual tokens, not
 pixels: one character advances 26-34 px of the image *as resized to 1024 visual tokens* (a merged
-token is 28 px there, so about one token per character; the largest plate's code is 1.35x that).
+token is 28 px there, so about one token per character, on every plate: the largest plate is largest by
+its margin, not its code).
 At 256 tokens two characters share a token, at 64 tokens the whole ~8 px-high code fits in about
 one token: readable at 1024 tokens, at full resolution or in a crop, not at 64. Questions:
-* detail: "What is written on the red plate?" -> the code; box = that plate (needs the zoom). Benchmark
-  samples never ask the largest plate: its code is drawn 1.35x bigger, and a trained model reads it at 64
-  tokens (half of them, run 9), which no other code allows;
+* detail: "What is written on the red plate?" -> the code; box = that plate (needs the zoom), any plate;
 * global: "How many plates are there?" -> the count (box None), or "What colour is the largest
   plate?" -> its colour; box = that plate (both answerable at low resolution).
 Everything is a function of the seed (deterministic, tested).
@@ -27,7 +26,7 @@ ASPECTS = ((4, 3), (3, 4), (16, 9), (9, 16), (1, 1), (3, 2), (2, 3))
 COUNT_WORDS = {2: "two", 3: "three", 4: "four", 5: "five"}
 
 ADVANCE_1024 = (26.0, 34.0)  # a character's advance, in pixels of the image resized to 1024 visual tokens
-LARGEST = 1.35  # the largest plate's code scale (its area is then >= 1.4x any other's)
+LARGEST_AREA = 1.5  # the largest plate's area over any other's (grown by padding; its code is drawn as the others)
 _ADVANCE_PER_SIZE = 0.636  # mean advance / font size of CODE_CHARS in Pillow's embedded font
 _PIXELS_1024 = 1024 * 28 * 28
 
@@ -89,7 +88,10 @@ def _place(rng: random.Random, W: int, H: int, w: int, h: int, taken: list) -> t
 
 
 def make_scene(seed: int) -> tuple[Image.Image, list[Plate]]:
-    """A cluttered scene and its plates; the largest plate is clearly the largest (>= 1.4x the area of the next)."""
+    """A cluttered scene and its plates; the largest plate is clearly the largest (>= 1.4x the area of the next).
+
+    Every code is drawn at the same scale in visual tokens: the largest plate is made large by its padding
+    (margin around the code), never by its font, so its code is no easier to read than any other."""
     rng = random.Random(seed)
     aw, ah = rng.choice(ASPECTS)
     mp = rng.uniform(1.0, 2.0) * 1e6
@@ -103,24 +105,22 @@ def make_scene(seed: int) -> tuple[Image.Image, list[Plate]]:
     colours = rng.sample(sorted(COLOURS), n)
     scale_1024 = (_PIXELS_1024 / (W * H)) ** 0.5  # source pixels -> pixels at 1024 visual tokens
     font_sizes = [round(rng.uniform(*ADVANCE_1024) / (_ADVANCE_PER_SIZE * scale_1024)) for _ in range(n)]
-    big = rng.randrange(n)  # one plate is clearly the largest
-    font_sizes[big] = round(max(font_sizes) * LARGEST)
-    layouts = []  # (colour, code, font, text bbox, pad_x, pad_y, w, h), the largest first
-    for colour, size in sorted(zip(colours, font_sizes), key=lambda cs: -cs[1]):
+    big = rng.randrange(n)  # one plate is clearly the largest: by its padding, not its code
+    layouts = []  # [colour, code, font, text bbox, pad_x, pad_y, w, h]
+    for colour, size in zip(colours, font_sizes):
         code = "".join(rng.choice(CODE_CHARS) for _ in range(3))
         font = _font(size)
         l, t, r, b = draw.textbbox((0, 0), code, font=font)
         pad_x, pad_y = size // 2, size // 3
-        layouts.append((colour, code, font, (l, t, r, b), pad_x, pad_y, (r - l) + 2 * pad_x, (b - t) + 2 * pad_y))
-    # narrow characters can make a large font's plate small: widen the largest plate to >= 1.5x any other's area
-    others = max((w * h for *_, w, h in layouts[1:]), default=0)
-    colour, code, font, bbox, pad_x, pad_y, w, h = layouts[0]
-    while w * h < 1.5 * others:
-        pad_x, w = pad_x + 2, w + 4
-    layouts[0] = (colour, code, font, bbox, pad_x, pad_y, w, h)
+        layouts.append([colour, code, font, (l, t, r, b), pad_x, pad_y, (r - l) + 2 * pad_x, (b - t) + 2 * pad_y])
+    others = max((L[6] * L[7] for k, L in enumerate(layouts) if k != big), default=0)
+    L = layouts[big]
+    while L[6] * L[7] < LARGEST_AREA * others:  # grow the margin (x twice as fast as y) until clearly largest
+        L[4], L[6] = L[4] + 2, L[6] + 4
+        L[5], L[7] = L[5] + 1, L[7] + 2
     plates, taken = [], []
     # the largest first, so that a crowded scene never drops it (placement can fail for small plates only)
-    for colour, code, font, (l, t, r, b), pad_x, pad_y, w, h in layouts:
+    for colour, code, font, (l, t, r, b), pad_x, pad_y, w, h in [layouts[big]] + layouts[:big] + layouts[big + 1:]:
         box = _place(rng, W, H, w, h, taken)
         if box is None:
             continue
@@ -143,19 +143,56 @@ def scene_questions(plates: list[Plate]) -> list[tuple[str, str, str, str, tuple
     return qs
 
 
+GROUNDING_PROMPT = "Output the box."  # stage 1's natural-mode instruction (recipe `grounding_prompt`)
+BOX_GRID = 1000  # box coordinates in answers: integers on a 0-1000 grid of the image shown, "[x1,y1,x2,y2]"
+
+
+def box_text(box, size: tuple[int, int]) -> str:
+    """A pixel box (x1, y1, x2, y2, exclusive ends) of an image of `size` (W, H) as the model writes it:
+    "[x1,y1,x2,y2]" in integers on a 0-1000 grid of that image (x over its width, y over its height)."""
+    W, H = size
+    x1, y1, x2, y2 = box
+    vals = (x1 / W, y1 / H, x2 / W, y2 / H)
+    return "[" + ",".join(str(min(BOX_GRID, max(0, round(v * BOX_GRID)))) for v in vals) + "]"
+
+
+def parse_box_text(text: str, size: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """The pixel box of an answer written as `box_text` does, or None when it is not one (malformed, or
+    x2 <= x1 / y2 <= y1)."""
+    import re
+
+    m = re.fullmatch(r"\s*\[\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*,\s*(\d+)\s*\]\s*", text or "")
+    if m is None:
+        return None
+    x1, y1, x2, y2 = (min(BOX_GRID, int(v)) for v in m.groups())
+    if x2 <= x1 or y2 <= y1:
+        return None
+    W, H = size
+    return (round(x1 * W / BOX_GRID), round(y1 * H / BOX_GRID), round(x2 * W / BOX_GRID), round(y2 * H / BOX_GRID))
+
+
+def grounding_questions(plates: list[Plate], size: tuple[int, int]) -> list[tuple[str, str, str, str, tuple]]:
+    """The grounding questions a scene (or a view of it, `plates` in its coordinates) answers, as real VLMs'
+    grounding data: per plate "Where is the red plate?" and the detail question followed by GROUNDING_PROMPT,
+    both answered with `box_text`; and the reverse binding "Which colour is the plate that reads K7Q?"."""
+    qs = []
+    for p in plates:
+        where = box_text(p.box, size)
+        qs.append((f"Where is the {p.colour} plate?", where, "grounding", "where", p.box))
+        qs.append((f"What is written on the {p.colour} plate?\n{GROUNDING_PROMPT}", where, "grounding", "box_for",
+                   p.box))
+        qs.append((f"Which colour is the plate that reads {p.code}?", p.colour, "grounding", "reverse", p.box))
+    return qs
+
+
 def make_sample(seed: int, family: str | None = None) -> Sample:
-    """One question about one scene; `family` None draws detail or global with equal odds. Detail questions
-    never ask the largest plate (its enlarged code is readable at the lowest budget)."""
+    """One question about one scene; `family` None draws detail or global with equal odds."""
     image, plates = make_scene(seed)
     rng = random.Random(seed * 7919 + 1)
     family = family or rng.choice(["detail", "global"])
     if family not in ("detail", "global"):
         raise ValueError(f"family must be 'detail' or 'global', got {family!r}")
-    largest = max(plates, key=lambda p: p.area).box
-    # the largest plate's code is drawn LARGEST x bigger and a trained model reads it at 64 tokens, so detail
-    # questions ask the other plates only (training still asks every plate: it teaches reading)
-    q, a, family, kind, box = rng.choice([x for x in scene_questions(plates) if x[2] == family
-                                          and not (x[3] == "code" and x[4] == largest)])
+    q, a, family, kind, box = rng.choice([x for x in scene_questions(plates) if x[2] == family])
     return Sample(f"zw-{seed}", seed, image, q, a, family, kind, box, plates)
 
 

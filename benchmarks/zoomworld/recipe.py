@@ -19,32 +19,42 @@ import yaml
 
 from recipes.data import write_jsonl
 
-from .generator import make_sample
+from .generator import GROUNDING_PROMPT, make_sample
 
 RECIPE_SEED = 30_000_000  # records for the Q-Zoom stages (training stream < 10M, val 10M+, test 20M+)
 K, T = 4, 2
 
 
-def _record(out: Path, s, box: bool = False) -> dict:
-    """Save the sample's image under `out/images/` and return its record (textual mode)."""
+def _record(out: Path, s, box: bool = False, mode: str = "textual") -> dict:
+    """Save the sample's image under `out/images/` and return its record."""
     name = f"images/{s.id}.png"
     s.image.save(out / name)
-    row = {"id": s.id, "image": name, "question": s.question, "answers": [s.answer], "mode": "textual",
+    row = {"id": s.id, "image": name, "question": s.question, "answers": [s.answer], "mode": mode,
            "dataset": "zoomworld"}
     return {**row, "box": list(s.box)} if box else row
 
 
-def write_setup(out, model_dir, n: int = 128, grid: int = 16, n_gate: int | None = None) -> Path:
-    """`images/`, `records.jsonl` (detail questions, textual mode, with boxes), `pool.jsonl` (stage 2),
-    `gate.jsonl` (stage 3, two detail questions for one global) and `recipe.yaml` under `out`."""
+STAGE3_BUDGETS = [64, 128, 256, 576, 1024]  # every Q-Zoom budget (64-256) is drawn, so the gate sees each one
+
+
+def write_setup(out, model_dir, n: int = 128, grid: int = 16, n_gate: int | None = None,
+                mode: str = "natural") -> Path:
+    """`images/`, `records.jsonl` (detail questions with boxes, in `mode`), `pool.jsonl` (stage 2),
+    `gate.jsonl` (stage 3, two detail questions for one global) and `recipe.yaml` under `out`.
+
+    Natural mode (SPEC 4.1, the default): the teacher is asked the detail question followed by
+    GROUNDING_PROMPT and answers with the plate's box (the model is trained on that grounding question);
+    its attention while it writes the box is the label. Textual mode: the teacher answers the question."""
+    if mode not in ("natural", "textual"):
+        raise ValueError(f"mode must be 'natural' or 'textual', got {mode!r}")
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    def records(name: str, start: int, families: tuple, count: int, box: bool = False) -> None:
-        write_jsonl(out / name, [_record(out, make_sample(start + i, families[i % len(families)]), box=box)
-                                 for i in range(count)])
+    def records(name: str, start: int, families: tuple, count: int, box: bool = False, mode="textual") -> None:
+        write_jsonl(out / name, [_record(out, make_sample(start + i, families[i % len(families)]), box=box,
+                                         mode=mode) for i in range(count)])
 
     # stage 1: detail questions with their boxes; stage 2 and stage 3: detail and global questions on other scenes
-    records("records.jsonl", RECIPE_SEED, ("detail",), n, box=True)
+    records("records.jsonl", RECIPE_SEED, ("detail",), n, box=True, mode=mode)
     records("pool.jsonl", RECIPE_SEED + 100_000, ("detail", "global"), n)
     # few detail questions survive the consistency filter (right at both top budgets), so they are 2 in 3 here
     records("gate.jsonl", RECIPE_SEED + 200_000, ("detail", "detail", "global"), n if n_gate is None else n_gate)
@@ -52,9 +62,10 @@ def write_setup(out, model_dir, n: int = 128, grid: int = 16, n_gate: int | None
     recipe = {
         "model": {"path": str(Path(model_dir).resolve()), "dtype": "float32"},
         "K": K, "T": T,
-        "labels_stage1": {"records": "records.jsonl", "out": "labels1", "grid": grid, "max_new_tokens": 5,
-                          "batch_size": 8, "shard_size": 64, "answer_suffix": "", "textual_pairs": {3: [0]},
-                          "natural_pairs": {3: [0]}},
+        # max_new_tokens: a box "[x1,y1,x2,y2]" is up to 17 characters (+ end of turn); pairs: `qzoom heads`
+        "labels_stage1": {"records": "records.jsonl", "out": "labels1", "grid": grid, "max_new_tokens": 18,
+                          "batch_size": 8, "shard_size": 64, "answer_suffix": "", "grounding_prompt": GROUNDING_PROMPT,
+                          "textual_pairs": {3: [0]}, "natural_pairs": {3: [0]}},
         "stage1": {"labels": "labels1", "out": "stage1", "train": train},
         # The base model reads crops but not whole scenes, so few samples are "regressions" (direct right,
         # zoomed wrong): stage 2 keeps every zoomed sample with its ground truth (RoI-SFT), which teaches the
@@ -65,7 +76,7 @@ def write_setup(out, model_dir, n: int = 128, grid: int = 16, n_gate: int | None
                    "train": {**train, "lr": 1e-4}},
         # stage 3 answers with the base model and keeps the stage-1 twig beside the new gate (run stage 2
         # first and point `model`/`adapters` at stage2/ to gate the post-SFT model instead)
-        "labels_stage3": {"records": "gate.jsonl", "out": "labels3/answers.jsonl", "budgets": [64, 256, 576, 1024],
+        "labels_stage3": {"records": "gate.jsonl", "out": "labels3/answers.jsonl", "budgets": STAGE3_BUDGETS,
                           "max_new_tokens": 5, "batch_size": 16},
         "stage3": {"answers": "labels3/answers.jsonl", "adapters": "stage1", "out": "stage3",
                    "train": {**train, "epochs": 8, "save_every": 50, "lr": 3e-4}},
@@ -81,8 +92,9 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=128)
     p.add_argument("--grid", type=int, default=16)
     p.add_argument("--n-gate", type=int, help="stage-3 questions (default: --n)")
+    p.add_argument("--mode", default="natural", choices=("natural", "textual"), help="stage-1 prompt mode")
     args = p.parse_args(argv)
-    print(write_setup(args.out, args.model, args.n, args.grid, args.n_gate) / "recipe.yaml")
+    print(write_setup(args.out, args.model, args.n, args.grid, args.n_gate, args.mode) / "recipe.yaml")
     return 0
 
 

@@ -66,10 +66,11 @@ def _fmt(value: float | None) -> str:
 def run_demo(zoom, spec, processor, samples: list[Sample], budget: int, out_dir, max_new_tokens: int = 8) -> dict:
     """Answer `samples` at `budget` visual tokens (global view and crop), print and picture each, summarise.
 
-    Writes `out_dir/sample_{i}.png` (heatmap, predicted box in yellow, true box in green) and
-    `out_dir/summary.json`; returns the summary.
+    Writes `out_dir/sample_{i}.png` (the scene with the heatmap in cyan, predicted box in magenta, true box dashed,
+    and under it a band with the question, answer, truth, gate probability and decision, and a legend; see
+    `qzoom_adapters.viz`) and `out_dir/summary.json`; returns the summary.
     """
-    from qzoom_adapters.viz import heatmap_overlay
+    from qzoom_adapters.viz import Caption, heatmap_overlay
     from .bench import view_inputs
 
     out_dir = Path(out_dir)
@@ -83,9 +84,14 @@ def run_demo(zoom, spec, processor, samples: list[Sample], budget: int, out_dir,
     seconds = time.perf_counter() - t0
     for i, (s, o) in enumerate(zip(samples, outs)):
         png = out_dir / f"sample_{i}.png"
-        heatmap_overlay(s.image, o.heatmap, o.bbox, s.box).save(png)
+        right = exact_match(o.text, s.answer)
+        caption = Caption(title=f"sample {i}: {s.id} ({s.family} question), budget {budget} visual tokens, "
+                                f"used {o.visual_tokens}",
+                          question=s.question, answer=o.text, truth=s.answer, correct=right, gate_prob=o.gate_prob,
+                          gate_threshold=zoom.config.gate_threshold, zoomed=o.zoomed)
+        heatmap_overlay(s.image, o.heatmap, o.bbox, s.box, caption=caption).save(png)
         gate = "n/a" if o.gate_prob is None else f"{o.gate_prob:.3f}"
-        verdict = "correct" if exact_match(o.text, s.answer) else "wrong"
+        verdict = "correct" if right else "wrong"
         print(f"[{i + 1}/{len(samples)}] {s.id} ({s.family}) {s.question}")
         print(f"      gate={gate} zoomed={'yes' if o.zoomed else 'no'} box={o.bbox} visual_tokens={o.visual_tokens}")
         print(f"      answer={o.text!r} truth={s.answer!r} {verdict} -> {png}")

@@ -2,9 +2,10 @@
 
     python -m benchmarks.zoomworld.threshold --model DEFAULT_DIR [--n 96] [--budgets 64,128,256] [--write]
 
-Runs the gate (zoom off) on `n` validation questions, half detail and half global, at each budget, and
-picks the threshold whose worst rate is best: the largest min over budgets of min(share of detail questions
-it fires on, share of global questions it skips), the middle of the widest gap among those tied.
+Runs the gate (zoom off) and the plain model on `n` validation questions, half detail and half global, at
+each budget, and picks the threshold whose worst rate is best: the largest min over budgets of min(share of
+the detail questions *that budget gets wrong* it fires on, share of global questions it skips), the middle
+of the widest gap among those tied (the issue's gate targets, measured on validation only).
 `--write` stores it in the folder's `adapter_config.json` (only that file is rewritten).
 """
 from __future__ import annotations
@@ -37,29 +38,40 @@ def gate_probs(zoom, spec, processor, samples, budget: int, batch_size: int = 16
     return probs
 
 
-def rates(probs: dict, families: list[str], t: float) -> dict:
-    """Per budget: the share of detail questions the gate fires on at threshold `t`, and of global ones it skips."""
+def rates(probs: dict, families: list[str], t: float, need: dict | None = None) -> dict:
+    """Per budget: the share of detail questions the gate fires on at threshold `t` (only those `need[b]`
+    marks, the ones that budget gets wrong, when given; 1.0 if there is none), and of global ones it skips."""
     out = {}
     for b, p in probs.items():
-        det = [x >= t for x, f in zip(p, families) if f == "detail"]
+        mask = need[b] if need is not None else [True] * len(p)
+        det = [x >= t for x, f, m in zip(p, families, mask) if f == "detail" and m]
         glob = [x < t for x, f in zip(p, families) if f == "global"]
-        out[b] = {"fires_detail": sum(det) / len(det), "skips_global": sum(glob) / len(glob)}
+        out[b] = {"fires_detail": sum(det) / len(det) if det else 1.0, "skips_global": sum(glob) / len(glob),
+                  "detail_needing": len(det)}
     return out
 
 
-def choose(probs: dict, families: list[str]) -> dict:
+def choose(probs: dict, families: list[str], need: dict | None = None) -> dict:
     """The threshold (a midpoint between two neighbouring probabilities) that maximises the worst of the rates
     over budgets; among ties, the middle of the widest gap. Returns it with its rates per budget."""
     xs = sorted({0.0, 1.0, *(x for p in probs.values() for x in p)})
     best = None
     for lo, hi in zip(xs, xs[1:]):
         t = (lo + hi) / 2
-        r = rates(probs, families, t)
-        worst = min(min(v.values()) for v in r.values())
+        r = rates(probs, families, t, need)
+        worst = min(min(v["fires_detail"], v["skips_global"]) for v in r.values())
         key = (worst, hi - lo)
         if best is None or key > best[0]:
             best = (key, t, r)
     return {"threshold": best[1], "worst_rate": best[0][0], "rates": best[2]}
+
+
+def baseline_wrong(zoom, spec, processor, samples, budget: int, batch_size: int = 16) -> list[bool]:
+    """Per sample: the plain model at `budget` answers it wrong (what the gate should fire on)."""
+    from .bench import run_baseline
+
+    _, right = run_baseline(zoom.model, processor, spec, samples, budget, batch_size, zoom.model.device)
+    return [not r for r in right]
 
 
 def main(argv=None) -> int:
@@ -74,8 +86,10 @@ def main(argv=None) -> int:
     zoom, spec, processor = load_default(args.model)
     samples = [make_sample(VAL_SEED + i, "detail" if i % 2 == 0 else "global") for i in range(args.n)]
     families = [s.family for s in samples]
-    probs = {int(b): gate_probs(zoom, spec, processor, samples, int(b)) for b in args.budgets.split(",")}
-    chosen = choose(probs, families)
+    budgets = [int(b) for b in args.budgets.split(",")]
+    probs = {b: gate_probs(zoom, spec, processor, samples, b) for b in budgets}
+    need = {b: baseline_wrong(zoom, spec, processor, samples, b) for b in budgets}
+    chosen = choose(probs, families, need)
     chosen["threshold"] = round(chosen["threshold"], 4)
     chosen["n"] = args.n
     chosen["probabilities"] = {b: {f: [round(min(x for x, g in zip(p, families) if g == f), 4),

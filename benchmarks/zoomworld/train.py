@@ -17,14 +17,17 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch import nn
 
 from .batches import FastChatInputs, PatchLayout
-from .generator import TEST_SEED, VAL_SEED, make_scene, scene_questions
+from .generator import TEST_SEED, VAL_SEED, Plate, grounding_questions, make_scene, scene_questions
 from .model import BUDGETS, FACTOR, new_model
 
 
 CROP_VIEW_P = 0.5  # share of items that show a crop around one plate (teaches reading at many scales)
+SQUARE_VIEW_P = 0.15  # share of scene items padded to a grey square (the stage-1 teacher's view, SPEC 4.1)
+GREY = (127, 127, 127)
 
 
 def crop_view(image, box, rng: random.Random):
@@ -41,17 +44,21 @@ def crop_view(image, box, rng: random.Random):
 
 
 class StreamDataset(torch.utils.data.Dataset):
-    """Index i -> the training-stream item at seed `base + i`: an image and every question it answers, in a
+    """Index i -> the training-stream item at seed `base + i`: an image and the questions it answers, in a
     seeded order (one conversation, so one image encoding teaches several answers).
 
-    The image is the scene (all its questions) or, with probability `crop_p`, a crop around one plate
-    (the code questions of the plates wholly inside it).
+    The image is the scene or, with probability `crop_p`, a crop around one plate; a scene is padded to a
+    grey square with probability `square_p` (the stage-1 teacher's view). Questions: every code question
+    of the plates wholly in view, the global questions on whole scenes, and, with `grounding`, per plate in
+    view one grounding question ("Where is ...?" or the detail question + GROUNDING_PROMPT, answered with
+    its box on the 0-1000 grid of the view) and one reverse-binding question for a random plate.
     """
 
-    def __init__(self, n: int, base: int = 1_000, crop_p: float = CROP_VIEW_P):
+    def __init__(self, n: int, base: int = 1_000, crop_p: float = CROP_VIEW_P, grounding: bool = True,
+                 square_p: float = SQUARE_VIEW_P):
         if base + n > VAL_SEED and base < TEST_SEED + 10**6:
             raise ValueError(f"training seeds {base}..{base + n} would reach the val/test seeds ({VAL_SEED}+)")
-        self.n, self.base, self.crop_p = n, base, crop_p
+        self.n, self.base, self.crop_p, self.grounding, self.square_p = n, base, crop_p, grounding, square_p
 
     def __len__(self):
         return self.n
@@ -64,10 +71,26 @@ class StreamDataset(torch.utils.data.Dataset):
         l, t = 0, 0
         if rng.random() < self.crop_p:
             image, (l, t, r, b) = crop_view(image, rng.choice(plates).box, rng)
-            qas = [qa for qa in qas if qa[3] == "code" and l <= qa[4][0] and t <= qa[4][1] and qa[4][2] <= r
-                   and qa[4][3] <= b]
-        rng.shuffle(qas)
+            qas = [qa for qa in qas if qa[3] == "code"]
+        elif self.grounding and rng.random() < self.square_p:
+            W, H = image.size
+            side = max(W, H)
+            square = Image.new("RGB", (side, side), GREY)
+            l, t = -((side - W) // 2), -((side - H) // 2)
+            square.paste(image, (-l, -t))
+            image = square
         W, H = image.size
+        # the plates in view, in the view's coordinates
+        shown = [Plate(p.colour, p.code, (p.box[0] - l, p.box[1] - t, p.box[2] - l, p.box[3] - t), p.glyphs)
+                 for p in plates]
+        shown = [p for p in shown if p.box[0] >= 0 and p.box[1] >= 0 and p.box[2] <= W and p.box[3] <= H]
+        codes = {p.code for p in shown}
+        qas = [qa for qa in qas if qa[3] != "code" or qa[1] in codes]
+        if self.grounding and shown:
+            ground = grounding_questions(shown, (W, H))
+            by_plate = [ground[k:k + 3] for k in range(0, len(ground), 3)]  # where, box_for, reverse
+            qas += [rng.choice(g[:2]) for g in by_plate] + [rng.choice(by_plate)[2]]
+        rng.shuffle(qas)
         glyphs = [(ch, (x1 + x2) / 2 - l, (y1 + y2) / 2 - t, y2 - y1) for p in plates for ch, (x1, y1, x2, y2) in p.glyphs
                   if 0 <= (x1 + x2) / 2 - l < W and 0 <= (y1 + y2) / 2 - t < H]
         return {"image": image, "qas": [(q, a) for q, a, *_ in qas], "seed": seed, "glyphs": glyphs}
@@ -186,12 +209,12 @@ class AnswerObjective(nn.Module):
 
 
 def measure(objective, collate, batch_size: int, num_workers: int, seconds: float = 12.0,
-            crop_p: float = CROP_VIEW_P) -> dict:
+            crop_p: float = CROP_VIEW_P, square_p: float = SQUARE_VIEW_P) -> dict:
     """Samples/s the loader gives, and the seconds of one forward + backward per budget (to plan a time budget).
 
     The loader is timed after the batches its workers queue at start; keep `max_seconds` set beside
     `plan_seconds` all the same (a stop at the time budget saves the model with the schedule unfinished)."""
-    dataset = StreamDataset(10**6, base=5_000_000, crop_p=crop_p)
+    dataset = StreamDataset(10**6, base=5_000_000, crop_p=crop_p, square_p=square_p)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=num_workers,
                                          shuffle=False, persistent_workers=False, prefetch_factor=4 if num_workers else None)
     # the workers start by filling their queues (prefetch_factor batches each): the clock starts after those
@@ -231,7 +254,8 @@ def measure(objective, collate, batch_size: int, num_workers: int, seconds: floa
 
 def train(out, steps: int | None, batch_size: int = 32, lr: float = 1e-3, num_workers: int = 0, seed: int = 0,
           stop_after: int | None = None, max_seconds: float | None = None, init: str | None = None,
-          plan_seconds: float | None = None, budgets=BUDGETS, crop_p: float = CROP_VIEW_P) -> dict:
+          plan_seconds: float | None = None, budgets=BUDGETS, crop_p: float = CROP_VIEW_P,
+          square_p: float = SQUARE_VIEW_P, grounding: bool = True) -> dict:
     """Train (or continue from `init`, a saved model folder) for `steps`, or as many as `plan_seconds` allow
     at the measured throughput (the cosine schedule then ends on time)."""
     from recipes.config import TrainSection
@@ -255,14 +279,15 @@ def train(out, steps: int | None, batch_size: int = 32, lr: float = 1e-3, num_wo
         raise QZoomError("--plan-seconds measures one process; with several processes give --steps and "
                          "--max-seconds (all processes stop together at the time budget)")
     if plan_seconds is not None:
-        probe = measure(objective, collate, batch_size, num_workers, crop_p=crop_p)
+        probe = measure(objective, collate, batch_size, num_workers, crop_p=crop_p, square_p=square_p)
         steps = max(1, int(0.95 * (plan_seconds - probe["startup_s"]) / probe["step_s"]))
         print(json.dumps({"plan": probe, "steps": steps}, indent=1), flush=True)
     cfg = TrainSection(lr=lr, weight_decay=0.01, warmup_ratio=0.03, max_steps=steps, batch_size=batch_size,
                        effective_batch=batch_size * world, save_every=max(1, min(1000, steps)), seed=seed,
                        num_workers=num_workers, log_every=max(1, min(50, steps)))
     # a continued run draws fresh scenes: seed s > 0 starts the stream at s million (all below the val seeds)
-    dataset = StreamDataset(steps * batch_size * world, base=1_000 + (seed % 9) * 10**6 if init else 1_000, crop_p=crop_p)
+    dataset = StreamDataset(steps * batch_size * world, base=1_000 + (seed % 9) * 10**6 if init else 1_000, crop_p=crop_p,
+                            grounding=grounding, square_p=square_p)
 
     def save(module, out_dir):
         # a bf16 copy is what ships (~12 MB); the training weights stay fp32
@@ -283,6 +308,10 @@ def main(argv=None) -> int:
     p.add_argument("--plan-seconds", type=float, help="measure throughput, then plan as many steps as fit in this time")
     p.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="visual-token budgets, one per batch")
     p.add_argument("--crop-p", type=float, default=CROP_VIEW_P, help="share of items that are crop views")
+    p.add_argument("--square-p", type=float, default=SQUARE_VIEW_P,
+                   help="share of scene items padded to a grey square (the stage-1 teacher's view)")
+    p.add_argument("--no-grounding", action="store_true",
+                   help="train without the grounding and reverse-binding questions (the mix before run 10)")
     p.add_argument("--init", help="continue from this saved model folder (new optimizer and schedule)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -292,7 +321,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     result = train(args.out, args.steps, args.batch_size, args.lr, args.num_workers, args.seed,
                    max_seconds=args.max_seconds, init=args.init, plan_seconds=args.plan_seconds,
-                   budgets=[int(b) for b in args.budgets.split(",")], crop_p=args.crop_p)
+                   budgets=[int(b) for b in args.budgets.split(",")], crop_p=args.crop_p, square_p=args.square_p,
+                   grounding=not args.no_grounding)
     from recipes.trainer import process_state
 
     if process_state().is_main_process:  # every process returns the same summary

@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
-# follow.sh SECONDS: wait for the run started by start.sh (at most SECONDS), print the end of its log and
-# copy the log, the loss curve and (once saved) the model folder to $OUT.
+# follow.sh SECONDS: wait for the run started by start.sh or pipeline.sh (at most SECONDS), print the end of
+# its log and copy to $OUT the log, the loss curve and what is packed: pipeline.sh packs model.tar (the model
+# folder) and chain.tar.gz (adapters, recipe, logs, choices); a start.sh run brings the model folder back
+# file by file (at most 8 files come back, so without its tokenizer_config.json, which is fixed).
 RUN=${RUN:-/tmp/zwrun}
 end=$((SECONDS + ${1:-540}))
 while [ $SECONDS -lt "$end" ]; do
-  pgrep -f benchmarks.zoomworld.train >/dev/null || { echo "run ended"; break; }
+  pgrep -f "benchmarks.zoomworld" >/dev/null || { echo "run ended"; break; }
   sleep 10
 done
-tr '\r' '\n' < "$RUN/log.txt" | grep -v -e '^\s*$' -e 'Loading weights' | tail -n 25
-cp "$RUN/log.txt" "$RUN/out/train_log.csv" "$OUT/" 2>/dev/null
-# at most 8 files come back: the model folder without its tokenizer_config.json (the tokenizer is fixed;
-# copy that file from benchmarks/zoomworld/default/model)
-if [ -d "$RUN/out/model" ]; then
+tr '\r' '\n' < "$RUN/log.txt" | grep -v -e '^\s*$' -e 'Loading weights' -e 'it/s\]$' | tail -n 40
+cp "$RUN/log.txt" "$OUT/" 2>/dev/null
+cp "$RUN/out/train_log.csv" "$OUT/" 2>/dev/null
+if [ -d "$RUN/pack" ]; then
+  cp "$RUN"/pack/* "$OUT/"
+elif [ -d "$RUN/out/model" ] && ! pgrep -f "benchmarks.zoomworld" >/dev/null; then
   mkdir -p "$OUT/model"
   for f in config.json generation_config.json model.safetensors processor_config.json tokenizer.json chat_template.jinja; do
     cp "$RUN/out/model/$f" "$OUT/model/" 2>/dev/null

@@ -1,0 +1,182 @@
+"""The whole Q-Zoom chain on a ZoomWorld model, through the project's recipes, into a default folder.
+
+    python -m benchmarks.zoomworld.chain --model MODEL_DIR --out RUN [--n 256] [--n-gate 300] [--n-val 96]
+
+Steps (each one a recipe command; a step whose output is complete is skipped, so a stopped chain resumes):
+1. `benchmarks.zoomworld.recipe`: records (natural mode: the detail question + GROUNDING_PROMPT, answered
+   with the plate's box), the stage-2/3 pools and `recipe.yaml`;
+2. `qzoom heads` on the candidate layers: the natural-mode grounding heads. The records' ground-truth
+   boxes **select** the heads (the lift ranking); no sink heads are used;
+3. `qzoom labels stage1` with those heads, `qzoom train stage1` (the twig);
+4. `qzoom labels stage3` at 64-1024 tokens, `qzoom train stage3` (the gate, the twig beside it);
+5. the default folder: the model, the adapters in bf16, the recipe and the logs under `training/`;
+6. on **validation** questions only: `roi_threshold` (forced zoom, detail questions at the Q-Zoom budgets:
+   the best mean accuracy, ties to the larger IoU with the plate) and then `gate_threshold`
+   (`threshold.py`: fires on the detail questions each budget gets wrong, skips global ones).
+`RUN/chain.json` records every step's result, its seconds, and both choices.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from .generator import VAL_SEED, make_sample
+
+ROI_CANDIDATES = (0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6)
+ROI_BUDGETS = (64, 128)
+
+
+def _cli(*argv: str) -> None:
+    from recipes.cli import main
+
+    code = main(list(argv))
+    if code:
+        raise SystemExit(f"step failed ({code}): qzoom {' '.join(argv)}")
+
+
+def _done(path: Path) -> bool:
+    return (path / "training_complete.json").is_file()
+
+
+@torch.no_grad()
+def choose_roi_threshold(zoom, spec, processor, samples, budgets=ROI_BUDGETS, candidates=ROI_CANDIDATES,
+                         batch_size: int = 16) -> dict:
+    """The `roi_threshold` with the best mean detail accuracy with the zoom forced on (ties: the larger mean
+    IoU with the asked plate), over `budgets`; every candidate's numbers are returned."""
+    from .bench import run_qzoom
+
+    saved, rows = zoom.config, {}
+    try:
+        for t in candidates:
+            zoom.config = saved.model_copy(update={"roi_threshold": t, "gate_threshold": 0.0})
+            per = [run_qzoom(zoom, processor, samples, b, batch_size, zoom.model.device) for b in budgets]
+            rows[t] = {"detail_accuracy": sum(r["accuracy"]["detail"] for r in per) / len(per),
+                       "box_hit": sum(r["box_hit_rate"] or 0.0 for r in per) / len(per),
+                       "box_area_fraction": sum(r["box_area_fraction"] or 0.0 for r in per) / len(per),
+                       "mean_iou": sum(r.get("box_iou_mean") or 0.0 for r in per) / len(per)}
+    finally:
+        zoom.config = saved
+    best = max(rows, key=lambda t: (round(rows[t]["detail_accuracy"], 6), rows[t]["mean_iou"]))
+    return {"roi_threshold": best, "budgets": list(budgets), "n": len(samples), "candidates": rows}
+
+
+def assemble(model_dir: Path, adapters: Path, out: Path, run: Path) -> Path:
+    """A default folder: `model/` (copied), the adapters of `adapters` in bf16, `training/` (recipe, logs)."""
+    from qzoom_adapters.pipeline import QZoom
+    from recipes.models import load_backbone
+
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(model_dir, out / "model")
+    model, processor, _ = load_backbone(str(model_dir), eval_mode=True)
+    zoom = QZoom.from_pretrained(adapters, model=model, processor=processor)
+    for module in (zoom.twig, zoom.gate):
+        module.to(torch.bfloat16)  # ~3 MB instead of ~6 (loading casts them to the model's dtype)
+    zoom.save_pretrained(out)
+    train = out / "training"
+    train.mkdir()
+    for src, name in ((run / "recipe.yaml", "recipe.yaml"), (run / "heads.json", "heads.json"),
+                      (run / "stage1" / "train_log.csv", "stage1.csv"), (run / "stage3" / "train_log.csv", "stage3.csv"),
+                      (run / "stage3" / "gate_pool.json", "gate_pool.json")):
+        if src.is_file():
+            shutil.copy(src, train / name)
+    return out
+
+
+def run_chain(model_dir, out, n: int = 256, n_gate: int = 300, n_val: int = 96, grid: int = 16,
+              layers: str = "1,2,3,4,5,6,7", top: int = 4) -> dict:
+    from .recipe import write_setup
+    from .shipped import load_default
+    from .threshold import main as threshold_main
+
+    model_dir, run = Path(model_dir).resolve(), Path(out)
+    run.mkdir(parents=True, exist_ok=True)
+    log_path = run / "chain.json"
+    log = json.loads(log_path.read_text()) if log_path.is_file() else {"steps": {}}
+
+    def step(name: str, fn, done: bool = False):
+        if done or name in log["steps"]:
+            print(f"== {name}: done", flush=True)
+            return
+        print(f"== {name}", flush=True)
+        t0 = time.perf_counter()
+        result = fn()
+        log["steps"][name] = {"seconds": round(time.perf_counter() - t0, 1), **(result or {})}
+        log_path.write_text(json.dumps(log, indent=1) + "\n")
+
+    cfg = str(run / "recipe.yaml")
+    step("setup", lambda: {"recipe": str(write_setup(run, model_dir, n, grid, n_gate, "natural") / "recipe.yaml")})
+
+    def heads():
+        _cli("heads", "--config", cfg, "--layers", layers, "--top", str(top), "--out", str(run / "heads.json"))
+        pairs = json.loads((run / "heads.json").read_text())["natural"]["suggested_pairs"]
+        pairs = {int(k): v for k, v in pairs.items()}
+        recipe = yaml.safe_load(Path(cfg).read_text())
+        recipe["labels_stage1"]["natural_pairs"] = pairs
+        Path(cfg).write_text(yaml.safe_dump(recipe, sort_keys=False))
+        return {"natural_pairs": pairs}
+
+    step("heads", heads)
+    step("labels_stage1", lambda: _cli("labels", "stage1", "--config", cfg))
+    step("train_stage1", lambda: _cli("train", "stage1", "--config", cfg), _done(run / "stage1"))
+    step("labels_stage3", lambda: _cli("labels", "stage3", "--config", cfg))
+    step("train_stage3", lambda: _cli("train", "stage3", "--config", cfg), _done(run / "stage3"))
+    default = run / "default"
+    step("assemble", lambda: {"folder": str(assemble(model_dir, run / "stage3", default, run))})
+    val = [make_sample(VAL_SEED + i, "detail" if i % 2 == 0 else "global") for i in range(n_val)]
+
+    def roi():
+        zoom, spec, processor = load_default(default)
+        _to_device(zoom)
+        chosen = choose_roi_threshold(zoom, spec, processor, [s for s in val if s.family == "detail"])
+        _write_zoom(default, roi_threshold=chosen["roi_threshold"])
+        return chosen
+
+    step("roi_threshold", roi)
+    step("gate_threshold", lambda: threshold_main(["--model", str(default), "--n", str(n_val), "--write"]) and None)
+    saved = json.loads((default / "adapter_config.json").read_text())["zoom"]
+    log["chosen"] = {"roi_threshold": saved["roi_threshold"], "gate_threshold": saved["gate_threshold"]}
+    log_path.write_text(json.dumps(log, indent=1) + "\n")
+    shutil.copy(log_path, default / "training" / "chain.json")
+    return log
+
+
+def _to_device(zoom) -> None:
+    if torch.cuda.is_available():
+        for module in (zoom.model, zoom.twig, zoom.gate):
+            module.to("cuda", torch.bfloat16)
+
+
+def _write_zoom(folder: Path, **fields) -> None:
+    path = folder / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    saved["zoom"].update(fields)
+    path.write_text(json.dumps(saved, indent=2) + "\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a ZoomWorld model folder (HF format)")
+    p.add_argument("--out", required=True, help="run folder; the default folder is written to OUT/default")
+    p.add_argument("--n", type=int, default=256, help="stage-1 records (detail questions with boxes)")
+    p.add_argument("--n-gate", type=int, default=300, help="stage-3 questions")
+    p.add_argument("--n-val", type=int, default=96, help="validation questions for the two thresholds")
+    p.add_argument("--grid", type=int, default=16, help="stage-1 label grid")
+    p.add_argument("--layers", default="1,2,3,4,5,6,7", help="candidate layers for `qzoom heads`")
+    p.add_argument("--top", type=int, default=4, help="grounding heads to keep")
+    args = p.parse_args(argv)
+    if not (Path(args.model) / "config.json").is_file():
+        raise SystemExit(f"--model {args.model}: no config.json there (a saved ZoomWorld model folder is needed)")
+    log = run_chain(args.model, args.out, args.n, args.n_gate, args.n_val, args.grid, args.layers, args.top)
+    print(json.dumps({k: log[k] for k in ("chosen",)}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
