@@ -92,7 +92,7 @@ def assemble(model_dir: Path, adapters: Path, out: Path, run: Path) -> Path:
 def run_chain(model_dir, out, n: int = 256, n_gate: int = 300, n_val: int = 96, grid: int = 16,
               layers: str = "1,2,3,4,5,6,7", top: int = 4) -> dict:
     from .recipe import write_setup
-    from .shipped import load_default
+    from .shipped import load_default, write_zoom_fields
     from .threshold import main as threshold_main
 
     model_dir, run = Path(model_dir).resolve(), Path(out)
@@ -135,7 +135,7 @@ def run_chain(model_dir, out, n: int = 256, n_gate: int = 300, n_val: int = 96, 
         zoom, spec, processor = load_default(default)
         _to_device(zoom)
         chosen = choose_roi_threshold(zoom, spec, processor, [s for s in val if s.family == "detail"])
-        _write_zoom(default, roi_threshold=chosen["roi_threshold"])
+        write_zoom_fields(default, roi_threshold=chosen["roi_threshold"])
         return chosen
 
     step("roi_threshold", roi)
@@ -151,13 +151,6 @@ def _to_device(zoom) -> None:
     if torch.cuda.is_available():
         for module in (zoom.model, zoom.twig, zoom.gate):
             module.to("cuda", torch.bfloat16)
-
-
-def _write_zoom(folder: Path, **fields) -> None:
-    path = folder / "adapter_config.json"
-    saved = json.loads(path.read_text())
-    saved["zoom"].update(fields)
-    path.write_text(json.dumps(saved, indent=2) + "\n")
 
 
 def main(argv=None) -> int:

@@ -36,6 +36,15 @@ def load_default(path=DEFAULT_DIR, **config_overrides):
     return zoom, spec, processor
 
 
+def write_zoom_fields(folder, **fields) -> None:
+    """Update saved `ZoomConfig` fields (e.g. thresholds chosen on validation) in a folder's adapter_config.json;
+    only that file is rewritten."""
+    path = Path(folder) / "adapter_config.json"
+    saved = json.loads(path.read_text())
+    saved["zoom"].update(fields)
+    path.write_text(json.dumps(saved, indent=2) + "\n")
+
+
 def write_untrained_default(out, seed: int = 0, K: int = 4, T: int = 2) -> Path:
     """A default folder with a randomly initialised model and adapters (for tests: same layout, no training)."""
     import torch

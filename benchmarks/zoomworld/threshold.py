@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 
@@ -97,10 +96,9 @@ def main(argv=None) -> int:
                                    for f in ("detail", "global")} for b, p in probs.items()}
     print(json.dumps(chosen, indent=1))
     if args.write:
-        path = Path(args.model) / "adapter_config.json"
-        saved = json.loads(path.read_text())
-        saved["zoom"]["gate_threshold"] = chosen["threshold"]
-        path.write_text(json.dumps(saved, indent=2) + "\n")
+        from .shipped import write_zoom_fields
+
+        write_zoom_fields(args.model, gate_threshold=chosen["threshold"])
     return 0
 
 
