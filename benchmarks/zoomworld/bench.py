@@ -61,19 +61,26 @@ def view_inputs(spec, processor, samples, budget: int, device) -> dict:
 
 
 @torch.no_grad()
-def run_baseline(model, processor, spec, samples, budget: int, batch_size: int, device) -> tuple[dict, list[bool]]:
-    """The plain model at `budget`: (result row, per-sample correctness)."""
+def plain_answers(model, processor, spec, samples, budget: int, batch_size: int, device,
+                  max_new_tokens: int = MAX_NEW_TOKENS) -> tuple[list[str], list[int], float]:
+    """The plain model's greedy answers at `budget`: (answers, visual tokens per sample, seconds in all)."""
     answers, tokens, seconds = [], [], 0.0
     for chunk in chunks(samples, batch_size):
         _sync(device)
         t0 = time.perf_counter()
         inputs = view_inputs(spec, processor, chunk, budget, device)
         S = inputs["input_ids"].shape[1]
-        seq = model.generate(**inputs, do_sample=False, max_new_tokens=MAX_NEW_TOKENS)
+        seq = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
         answers += processor.tokenizer.batch_decode(seq[:, S:], skip_special_tokens=True)
         _sync(device)
         seconds += time.perf_counter() - t0
         tokens += (inputs["input_ids"] == spec.image_token_id).sum(dim=1).tolist()
+    return answers, tokens, seconds
+
+
+def run_baseline(model, processor, spec, samples, budget: int, batch_size: int, device) -> tuple[dict, list[bool]]:
+    """The plain model at `budget`: (result row, per-sample correctness)."""
+    answers, tokens, seconds = plain_answers(model, processor, spec, samples, budget, batch_size, device)
     result = score(samples, [{"answer": a} for a in answers])
     row = {"budget": budget, "accuracy": result["accuracy"], "visual_tokens": mean_or_none(tokens),
            "latency_s": seconds / len(samples)}

@@ -3,9 +3,13 @@
 * **crop reading:** the plain model on crops around the asked plate (1.3-5x its size, as in training), so
   reading is measured apart from finding the plate;
 * **oracle twig:** Q-Zoom with the twig's box replaced by the true plate's box (the spec's sink mask keeps
-  only the cells that touch it; `roi_threshold` 0), so the crop pass is measured apart from the twig.
+  only the cells that touch it; `roi_threshold` 0), so the crop pass is measured apart from the twig;
+* **grounding:** the plain model asked "Where is the red plate?" (and the detail question + GROUNDING_PROMPT,
+  the stage-1 teacher's prompt) on whole scenes: the share of well-formed boxes, mean IoU with the asked plate
+  and the share with IoU >= 0.5. It says whether the base model binds a colour word to a plate, which the
+  natural-mode labels need.
 
-    python -m benchmarks.zoomworld.probes [--model DEFAULT_DIR] [--n 32] [--budgets 64,128]
+    python -m benchmarks.zoomworld.probes [--model DEFAULT_DIR] [--n 32] [--budgets 64,128] [--grounding-only]
 
 Validation split, detail questions, batch size 1 for the oracle (the mask is per sample).
 """
@@ -20,9 +24,9 @@ import torch
 
 from benchmarks.forced_box import with_sink_mask
 
-from .generator import VAL_SEED, make_sample
+from .generator import GROUNDING_PROMPT, VAL_SEED, make_sample, parse_box_text
 from .model import FACTOR
-from .scoring import exact_match
+from .scoring import exact_match, iou
 
 
 def box_cells(box, size, h_t: int, w_t: int) -> torch.Tensor:
@@ -39,17 +43,52 @@ def oracle_spec(spec, target: dict):
 
 
 @torch.no_grad()
-def probe(model_dir=None, n: int = 32, budgets=(64, 128)) -> dict:
+def grounding(model, processor, spec, samples, budgets=(256, 1024), batch_size: int = 16) -> dict:
+    """Per budget and prompt ("where": "Where is the red plate?", "box_for": the detail question +
+    GROUNDING_PROMPT): the share of answers that parse as a box, mean IoU with the asked plate (an unparsable
+    answer counts 0) and the share with IoU >= 0.5. `samples` are detail samples (the asked plate is `box`)."""
+    from .bench import plain_answers
+
+    colour = {s.id: next(p.colour for p in s.plates if p.box == s.box) for s in samples}
+    prompts = {"where": lambda s: f"Where is the {colour[s.id]} plate?",
+               "box_for": lambda s: f"{s.question}\n{GROUNDING_PROMPT}"}
+    out = {}
+    for b in budgets:
+        for name, ask in prompts.items():
+            asked = [dataclasses.replace(s, question=ask(s)) for s in samples]
+            answers = plain_answers(model, processor, spec, asked, b, batch_size, model.device, max_new_tokens=20)[0]
+            boxes = [parse_box_text(a, s.image.size) for a, s in zip(answers, samples)]
+            ious = [iou(x, s.box) if x is not None else 0.0 for x, s in zip(boxes, samples)]
+            out[f"{name}@{b}"] = {"parsed": sum(x is not None for x in boxes) / len(samples),
+                                  "mean_iou": sum(ious) / len(samples),
+                                  "iou_ge_0.5": sum(v >= 0.5 for v in ious) / len(samples)}
+    return out
+
+
+@torch.no_grad()
+def probe(model_dir=None, n: int = 32, budgets=(64, 128), grounding_only: bool = False) -> dict:
     from .bench import run_baseline, view_inputs
     from .shipped import DEFAULT_DIR, load_default
     from .train import crop_view
 
-    zoom, spec, processor = load_default(model_dir or DEFAULT_DIR)
+    from pathlib import Path
+
     samples = [make_sample(VAL_SEED + i, "detail") for i in range(n)]
+    if grounding_only and (Path(model_dir or DEFAULT_DIR) / "config.json").is_file():  # a bare model folder
+        from recipes.models import load_backbone
+
+        model, processor, spec = load_backbone(str(model_dir), eval_mode=True)
+        if torch.cuda.is_available():
+            model.to("cuda", torch.bfloat16)
+        return {"n": n, "grounding": grounding(model, processor, spec, samples)}
+    zoom, spec, processor = load_default(model_dir or DEFAULT_DIR)
+    found = grounding(zoom.model, processor, spec, samples)
+    if grounding_only:
+        return {"n": n, "grounding": found}
     crops = [dataclasses.replace(s, image=crop_view(s.image, s.box, random.Random(i))[0]) for i, s in enumerate(samples)]
     target = {}
     zoom.spec = oracle_spec(zoom.spec, target)
-    out = {"n": n, "crop_reading": {}, "oracle_twig": {}}
+    out = {"n": n, "grounding": found, "crop_reading": {}, "oracle_twig": {}}
     for b in budgets:
         out["crop_reading"][b] = run_baseline(zoom.model, processor, spec, crops, b, 16, zoom.model.device)[0]["accuracy"]["all"]
         zoom.config = zoom.config.model_copy(update={"gate_threshold": 0.0, "roi_threshold": 0.0,
@@ -66,11 +105,13 @@ def probe(model_dir=None, n: int = 32, budgets=(64, 128)) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model")
+    p.add_argument("--model", help="a default folder (or, with --grounding-only, a bare model folder)")
     p.add_argument("--n", type=int, default=32)
     p.add_argument("--budgets", default="64,128")
+    p.add_argument("--grounding-only", action="store_true", help="only the grounding probe")
     args = p.parse_args(argv)
-    print(json.dumps(probe(args.model, args.n, tuple(int(b) for b in args.budgets.split(","))), indent=1))
+    print(json.dumps(probe(args.model, args.n, tuple(int(b) for b in args.budgets.split(",")), args.grounding_only),
+                     indent=1))
     return 0
 
 
