@@ -93,7 +93,7 @@ class Qwen2VLSpec(VisionLanguageSpec):
 
     @classmethod
     def tiny_config(cls, text: dict | None = None, **overrides):
-        """A tiny random-init config (token ids of `backbones.tiny_processor`); `text` overrides text fields."""
+        """A tiny random-init config (token ids of `qzoom_adapters.backbones.tiny_processor`); `text` overrides text fields."""
         text = {**cls.TINY_TEXT, **(text or {})}
         cfg = cls.model_class().config_class(text_config=text, vision_config=dict(cls.TINY_VISION), **cls.TINY_IDS,
                                              **text, **overrides)

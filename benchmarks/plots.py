@@ -5,7 +5,7 @@ import math
 
 from PIL import Image, ImageDraw
 
-from benchmarks.zoomworld.generator import _font
+from qzoom_adapters.benchmarks.zoomworld.generator import _font
 
 
 SERIES_COLOURS = {"baseline": (60, 90, 160), "Q-Zoom": (220, 110, 20), "plain": (60, 90, 160),

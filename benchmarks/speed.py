@@ -36,9 +36,9 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.forced_box import with_sink_mask
-from benchmarks.plots import line_plot
-from benchmarks.provenance import git_commit, machine
+from qzoom_adapters.benchmarks.forced_box import with_sink_mask
+from qzoom_adapters.benchmarks.plots import line_plot
+from qzoom_adapters.benchmarks.provenance import git_commit, machine
 
 RESULTS_OUT = Path(__file__).resolve().parent / "results" / "speed.json"  # the committed results
 
@@ -97,8 +97,8 @@ class Backbone:
 
 
 def _spec_class(family: str):
-    from backbones.qwen2_5_vl import Qwen2_5_VLSpec
-    from backbones.qwen3_vl import Qwen3VLSpec
+    from qzoom_adapters.backbones.qwen2_5_vl import Qwen2_5_VLSpec
+    from qzoom_adapters.backbones.qwen3_vl import Qwen3VLSpec
 
     return {"qwen2_5_vl": Qwen2_5_VLSpec, "qwen3_vl": Qwen3VLSpec}[family]
 
@@ -232,7 +232,7 @@ def decode_bytes_per_step(bb: Backbone, batch: int, context: float) -> float:
 
 # --- one configuration ----------------------------------------------------------------------------------
 def _inputs(bb: Backbone, image, budget: int, batch: int, device):
-    from recipes.models import batch_to
+    from qzoom_adapters.recipes.models import batch_to
 
     images = [image] * batch
     questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(batch)]

@@ -6,7 +6,7 @@ import copy
 import torch
 from torch import nn
 
-from backbones import _compat
+from qzoom_adapters.backbones import _compat
 
 from .errors import QZoomError
 from .spec import get_spec

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from backbones import _compat
+from qzoom_adapters.backbones import _compat
 from .config import ZoomConfig
 from .decode import Decoder, DecodeRows, eos_ids
 from .errors import QZoomError

@@ -135,4 +135,4 @@ def get_spec(model: nn.Module, **kwargs) -> BackboneSpec:
 
 
 def _ensure_builtin() -> None:
-    import backbones  # noqa: F401  (registers the built-in families)
+    import qzoom_adapters.backbones  # noqa: F401  (registers the built-in families)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def _demo(args) -> int:
-    from benchmarks.zoomworld.shipped import DEFAULT_DIR, demo_samples, load_default, run_demo
+    from qzoom_adapters.benchmarks.zoomworld.shipped import DEFAULT_DIR, demo_samples, load_default, run_demo
     from qzoom_adapters.errors import QZoomError
 
     if args.samples < 1 or args.budget < 1:
@@ -29,7 +29,7 @@ def _infer(args) -> int:
     from PIL import Image
     from transformers import AutoProcessor
 
-    import backbones.tiny_processor  # noqa: F401  (lets AutoProcessor load processors saved by the demo/tests)
+    import qzoom_adapters.backbones.tiny_processor  # noqa: F401  (lets AutoProcessor load processors saved by the demo/tests)
     import qzoom_adapters as qz
     from qzoom_adapters.spec import spec_class_for
     from qzoom_adapters.viz import heatmap_overlay
@@ -66,7 +66,7 @@ def _where(out: Path, explicit: bool, results: Path) -> str:
 
 
 def _bench_zoomworld(args) -> int:
-    from benchmarks.zoomworld.bench import RESULTS_OUT, bench, default_out, markdown_table
+    from qzoom_adapters.benchmarks.zoomworld.bench import RESULTS_OUT, bench, default_out, markdown_table
 
     out = Path(args.out) if args.out else default_out()
     report = bench(args.model, args.n, args.batch_size, out, args.device, args.quick)
@@ -81,7 +81,7 @@ def _ints(text: str | None):
 
 
 def _bench_speed(args) -> int:
-    from benchmarks.speed import RESULTS_OUT, bench, default_out, markdown_table
+    from qzoom_adapters.benchmarks.speed import RESULTS_OUT, bench, default_out, markdown_table
 
     out = Path(args.out) if args.out else default_out()
     report = bench(out, args.quick, args.device, args.backbones.split(",") if args.backbones else None,
@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
                         ("stage2", "Post-SFT of the LLM (or LoRA) on global + RoI sequences; loss on answers."),
                         ("stage3", "Train the gate on consistency-aware labels; only layers < K and the gate run.")):
         sp = tr_sub.add_parser(stage, help=desc, description=desc + " Runs on accelerate: `accelerate launch -m "
-                               "recipes.cli train ...` for several GPUs. A killed run resumes from its last "
+                               "qzoom_adapters.recipes.cli train ...` for several GPUs. A killed run resumes from its last "
                                "checkpoint when started again.")
         _recipe_args(sp, f"qzoom train {stage} --config tiny/recipe.yaml")
         sp.add_argument("--stop-after", type=int, help="stop after this optimizer step (checkpointed; resumable)")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-import backbones.tiny_processor  # noqa: F401  (lets AutoProcessor load the offline tiny processors)
+import qzoom_adapters.backbones.tiny_processor  # noqa: F401  (lets AutoProcessor load the offline tiny processors)
 from qzoom_adapters.errors import QZoomError
 from qzoom_adapters.spec import get_spec, spec_class_for
 
@@ -27,7 +27,7 @@ def load_backbone(section: ModelSection | str, device=None, eval_mode: bool = Tr
     """(model, processor, spec) of an HF model folder, family chosen by its `model_type`."""
     from transformers import AutoProcessor
 
-    from backbones import _compat
+    from qzoom_adapters.backbones import _compat
 
     section = ModelSection(path=section) if isinstance(section, str) else section
     path = section.path.removeprefix("hf:")  # "hf:org/name" is a Hub id (kept as is by the config loader)

@@ -1,6 +1,6 @@
 """The stages as Python objects (what `qzoom labels|mine|train` call), torchtune-style: a config in, steps out.
 
-    from recipes import Stage1Recipe
+    from qzoom_adapters.recipes import Stage1Recipe
     s1 = Stage1Recipe("qwen2_5_vl_7b.yaml", overrides=["stage1.train.max_steps=100"])
     s1.label(); s1.train()
 """

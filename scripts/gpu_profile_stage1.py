@@ -30,13 +30,13 @@ def main() -> None:
 
     import qzoom_adapters as qz
     from qzoom_adapters.probe import probe_attention
-    from recipes.config import load_config
-    from recipes.data import load_image, read_records
-    from recipes.label_store import LabelWriter
-    from recipes.models import batch_to, freeze, load_backbone, placeholder_ids
-    from recipes.stage1 import Stage1Collate, Stage1Dataset, TwigObjective, stage1_prompt
-    from recipes.label_store import LabelStore
-    from recipes.teacher import Teacher, response_rows
+    from qzoom_adapters.recipes.config import load_config
+    from qzoom_adapters.recipes.data import load_image, read_records
+    from qzoom_adapters.recipes.label_store import LabelWriter
+    from qzoom_adapters.recipes.models import batch_to, freeze, load_backbone, placeholder_ids
+    from qzoom_adapters.recipes.stage1 import Stage1Collate, Stage1Dataset, TwigObjective, stage1_prompt
+    from qzoom_adapters.recipes.label_store import LabelStore
+    from qzoom_adapters.recipes.teacher import Teacher, response_rows
 
     work, out = Path(sys.argv[1]), Path(sys.argv[2])
     build(work, 32, 1)

@@ -6,7 +6,7 @@ character tokenizer), and synthetic ~1 MP scenes. Random weights rarely emit EOS
 response runs the full `max_new_tokens`: label throughput is a lower bound for real models.
 
 Usage: python scripts/gpu_recipes.py WORKDIR OUT_JSON [samples] [steps]
-  then:  accelerate launch --num_processes N -m recipes.cli train stage1 --config WORKDIR/recipe.yaml
+  then:  accelerate launch --num_processes N -m qzoom_adapters.recipes.cli train stage1 --config WORKDIR/recipe.yaml
 """
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ import yaml
 
 
 def build(work: Path, samples: int, steps: int) -> None:
-    from backbones.qwen2_5_vl import Qwen2_5_VLSpec
-    from backbones.tiny_processor import tiny_qwen2_5_vl_processor
-    from recipes.data import write_jsonl
-    from recipes.synthetic import demo_scenes
+    from qzoom_adapters.backbones.qwen2_5_vl import Qwen2_5_VLSpec
+    from qzoom_adapters.backbones.tiny_processor import tiny_qwen2_5_vl_processor
+    from qzoom_adapters.recipes.data import write_jsonl
+    from qzoom_adapters.recipes.synthetic import demo_scenes
 
     text = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
                 num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=128000, rope_theta=1e6,
@@ -76,9 +76,9 @@ def main() -> None:
               "torch": torch.__version__}
     import transformers
 
-    from recipes.config import load_config
-    from recipes.label_store import LabelStore
-    from recipes.stage1 import make_stage1_labels
+    from qzoom_adapters.recipes.config import load_config
+    from qzoom_adapters.recipes.label_store import LabelStore
+    from qzoom_adapters.recipes.stage1 import make_stage1_labels
 
     result["transformers"] = transformers.__version__
     cfg = load_config(work / "recipe.yaml")

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from backbones.llava import LlavaSpec
-from backbones.qwen2_5_vl import Qwen2_5_VLSpec
-from backbones.qwen3_vl import Qwen3VLSpec
+from qzoom_adapters.backbones.llava import LlavaSpec
+from qzoom_adapters.backbones.qwen2_5_vl import Qwen2_5_VLSpec
+from qzoom_adapters.backbones.qwen3_vl import Qwen3VLSpec
 from qzoom_adapters.testing import make_kit
 
 

@@ -9,10 +9,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from benchmarks import speed
-from benchmarks.zoomworld import bench
-from benchmarks.zoomworld.scoring import area_ratio, box_area, box_hit, box_metrics, coverage, intersection_area, iou
-from recipes.cli import main
+from qzoom_adapters.benchmarks import speed
+from qzoom_adapters.benchmarks.zoomworld import bench
+from qzoom_adapters.benchmarks.zoomworld.scoring import area_ratio, box_area, box_hit, box_metrics, coverage, intersection_area, iou
+from qzoom_adapters.recipes.cli import main
 
 RESULTS = Path(bench.__file__).resolve().parents[1] / "results"
 IMAGE = (0, 0, 1600, 1200)  # a whole 1600 x 1200 image
@@ -110,7 +110,7 @@ def test_default_out_is_outside_the_results(tmp_path, monkeypatch):
 
 
 def test_zoomworld_quick_without_out_leaves_results_alone(tmp_path, monkeypatch, capsys):
-    from benchmarks.zoomworld.shipped import write_untrained_default
+    from qzoom_adapters.benchmarks.zoomworld.shipped import write_untrained_default
 
     model = write_untrained_default(tmp_path / "m")
     monkeypatch.setattr(bench, "git_commit", lambda: "c0ffee")

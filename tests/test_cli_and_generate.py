@@ -8,12 +8,12 @@ import torch
 from PIL import Image
 
 import qzoom_adapters as qz
-from backbones.qwen2_5_vl import Qwen2_5_VLSpec
-from backbones.tiny_processor import TINY_VOCAB_SIZE, tiny_qwen2_5_vl_processor
-from benchmarks.zoomworld.shipped import demo_samples, load_default, write_untrained_default
+from qzoom_adapters.backbones.qwen2_5_vl import Qwen2_5_VLSpec
+from qzoom_adapters.backbones.tiny_processor import TINY_VOCAB_SIZE, tiny_qwen2_5_vl_processor
+from qzoom_adapters.benchmarks.zoomworld.shipped import demo_samples, load_default, write_untrained_default
 from qzoom_adapters.errors import QZoomError
 from qzoom_adapters.testing import synthetic_image
-from recipes.cli import main
+from qzoom_adapters.recipes.cli import main
 
 
 def _tiny_chat_model():

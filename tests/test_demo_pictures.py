@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.zoomworld.generator import COLOURS
+from qzoom_adapters.benchmarks.zoomworld.generator import COLOURS
 from qzoom_adapters.viz import (HEATMAP_RGB, PRED_BOX_RGB, TRUE_BOX_DASH, Caption, caption_lines, heatmap_overlay)
 
 W, H = 640, 420
@@ -144,8 +144,8 @@ def test_run_demo_draws_the_caption(tmp_path, monkeypatch):
     import types
 
     import qzoom_adapters.viz as viz
-    from benchmarks.zoomworld import shipped
-    from benchmarks.zoomworld.generator import make_sample
+    from qzoom_adapters.benchmarks.zoomworld import shipped
+    from qzoom_adapters.benchmarks.zoomworld.generator import make_sample
     from qzoom_adapters.config import ZoomConfig
     from qzoom_adapters.outputs import ZoomOutput
 
@@ -161,9 +161,9 @@ def test_run_demo_draws_the_caption(tmp_path, monkeypatch):
         def generate_from_inputs(self, inputs, images, max_new_tokens):
             return outs
 
-    fake_bench = types.ModuleType("benchmarks.zoomworld.bench")  # the real one imports transformers' processors
+    fake_bench = types.ModuleType("qzoom_adapters.benchmarks.zoomworld.bench")  # the real one imports transformers' processors
     fake_bench.view_inputs = lambda *a, **k: None
-    monkeypatch.setitem(sys.modules, "benchmarks.zoomworld.bench", fake_bench)
+    monkeypatch.setitem(sys.modules, "qzoom_adapters.benchmarks.zoomworld.bench", fake_bench)
     seen = []
     real = viz.heatmap_overlay
     monkeypatch.setattr(viz, "heatmap_overlay", lambda *a, **k: seen.append(k["caption"]) or real(*a, **k))

@@ -8,11 +8,11 @@ import pytest
 import torch
 import transformers
 
-from backbones.tiny_processor import QWEN_CHAT_TEMPLATE, TINY_VOCAB_SIZE, tiny_qwen_tokenizer
+from qzoom_adapters.backbones.tiny_processor import QWEN_CHAT_TEMPLATE, TINY_VOCAB_SIZE, tiny_qwen_tokenizer
 from qzoom_adapters.errors import QZoomError
-from recipes.gate_labels import (EASY, HARD, NON_MONOTONIC, UNSTABLE, WRONG_TOP, GateDrawDataset, GateItem,
+from qzoom_adapters.recipes.gate_labels import (EASY, HARD, NON_MONOTONIC, UNSTABLE, WRONG_TOP, GateDrawDataset, GateItem,
                                  build_pool, classify, collate_drop_none, draw, match)
-from recipes.judge import (JUDGE_PROMPT, HFJudge, JudgeItem, RuleJudge, anls, judge_prompt, make_judge,
+from qzoom_adapters.recipes.judge import (JUDGE_PROMPT, HFJudge, JudgeItem, RuleJudge, anls, judge_prompt, make_judge,
                            normalize_answer, parse_number, relaxed_match, vqa_accuracy)
 
 # ---------------------------------------------------------------------------------------------- metrics

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import qzoom_adapters as qz
-from backbones.qwen2_5_vl import Qwen2_5_VLSpec
-from backbones.qwen3_vl import Qwen3VLSpec
+from qzoom_adapters.backbones.qwen2_5_vl import Qwen2_5_VLSpec
+from qzoom_adapters.backbones.qwen3_vl import Qwen3VLSpec
 from qzoom_adapters.roi import box_to_pixels
 
 

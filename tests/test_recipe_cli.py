@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from recipes.cli import build_parser, main
-from recipes.config import load_config
+from qzoom_adapters.recipes.cli import build_parser, main
+from qzoom_adapters.recipes.config import load_config
 from qzoom_adapters.errors import QZoomError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs"

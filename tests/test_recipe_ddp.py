@@ -8,9 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from qzoom_adapters import TwigRPN
-from recipes.cli import main
-from recipes.models import load_backbone
-from recipes.tiny import write_tiny_setup
+from qzoom_adapters.recipes.cli import main
+from qzoom_adapters.recipes.models import load_backbone
+from qzoom_adapters.recipes.tiny import write_tiny_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ def _train(cfg, out, nproc, batch_size):
         return
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                          "--master_port", "29517", "-m", "recipes.cli", *args], env=env, capture_output=True,
+                          "--master_port", "29517", "-m", "qzoom_adapters.recipes.cli", *args], env=env, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert '"processes": 2' in run.stdout

@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import qzoom_adapters as qz
-from backbones.qwen2_5_vl import Qwen2_5_VLSpec
-from backbones.qwen3_vl import Qwen3VLSpec
+from qzoom_adapters.backbones.qwen2_5_vl import Qwen2_5_VLSpec
+from qzoom_adapters.backbones.qwen3_vl import Qwen3VLSpec
 
 K, T = 3, 3
 

@@ -15,7 +15,7 @@ from qzoom_adapters.testing.checks import CHECKS
 
 def test_entry_point_registers_an_outside_family(tmp_path, monkeypatch):
     (tmp_path / "my_vlm_spec.py").write_text(textwrap.dedent('''
-        from backbones.qwen2_vl import Qwen2VLSpec
+        from qzoom_adapters.backbones.qwen2_vl import Qwen2VLSpec
 
         class MySpec(Qwen2VLSpec):
             family = "my_vlm"
@@ -45,7 +45,7 @@ def test_register_backbone_needs_family_and_model_types():
 
 
 def test_kit_command_line_as_in_contributing(capsys):
-    assert kit_main(["backbones.qwen2_vl:Qwen2VLSpec"]) == 0
+    assert kit_main(["qzoom_adapters.backbones.qwen2_vl:Qwen2VLSpec"]) == 0
     out = capsys.readouterr().out
     assert out.count(" ok") == len(CHECKS) and "all checks passed" in out
 
@@ -81,7 +81,7 @@ def test_kit_catches_a_broken_spec(family, mixin, check, monkeypatch):
 
 
 def test_incomplete_spec_names_what_is_missing():
-    from backbones.base import VisionLanguageSpec
+    from qzoom_adapters.backbones.base import VisionLanguageSpec
 
     class Half(VisionLanguageSpec):
         family, model_types = "half", ("half",)

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from benchmarks import speed
-from recipes.cli import main
+from qzoom_adapters.benchmarks import speed
+from qzoom_adapters.recipes.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -15,20 +15,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import recipes.stage1 as stage1
+import qzoom_adapters.recipes.stage1 as stage1
 from qzoom_adapters import QZoom, QZoomError, get_spec
 from qzoom_adapters.decode import eos_ids
 from qzoom_adapters.labels import padding_cells, tristate_labels
 from qzoom_adapters.twig import TwigRPN
-from recipes.config import load_config
-from recipes.data import fixed_grid_view, load_image, read_records
-from recipes.label_store import MANIFEST, LabelStore, LabelWriter
-from recipes.models import load_backbone
-from recipes.stage1 import (Stage1Collate, Stage1Dataset, TwigObjective, build_twig, make_stage1_labels,
+from qzoom_adapters.recipes.config import load_config
+from qzoom_adapters.recipes.data import fixed_grid_view, load_image, read_records
+from qzoom_adapters.recipes.label_store import MANIFEST, LabelStore, LabelWriter
+from qzoom_adapters.recipes.models import load_backbone
+from qzoom_adapters.recipes.stage1 import (Stage1Collate, Stage1Dataset, TwigObjective, build_twig, make_stage1_labels,
                             stage1_prompt, train_stage1)
-from recipes.tiny import write_tiny_setup
-from recipes.teacher import response_rows
-from recipes.trainer import DONE_NAME
+from qzoom_adapters.recipes.tiny import write_tiny_setup
+from qzoom_adapters.recipes.teacher import response_rows
+from qzoom_adapters.recipes.trainer import DONE_NAME
 
 FAMILIES = ["qwen2_5_vl", "qwen3_vl", "llava"]
 ADAPTERS = "adapter_model.safetensors"

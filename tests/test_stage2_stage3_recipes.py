@@ -14,18 +14,18 @@ from pathlib import Path
 import pytest
 import torch
 
-import recipes.stage2 as s2
-import recipes.stage3 as s3
-from backbones import _compat
+import qzoom_adapters.recipes.stage2 as s2
+import qzoom_adapters.recipes.stage3 as s3
+from qzoom_adapters.backbones import _compat
 from qzoom_adapters import QZoom, TwigRPN
 from qzoom_adapters.config import ZoomConfig
 from qzoom_adapters.io import load_adapters
-from recipes.config import load_config
-from recipes.data import load_image, read_jsonl, read_records, write_jsonl
-from recipes.judge import Verdict
-from recipes.models import load_backbone, placeholder_ids
-from recipes.stage1 import save_zoom
-from recipes.tiny import write_tiny_setup
+from qzoom_adapters.recipes.config import load_config
+from qzoom_adapters.recipes.data import load_image, read_jsonl, read_records, write_jsonl
+from qzoom_adapters.recipes.judge import Verdict
+from qzoom_adapters.recipes.models import load_backbone, placeholder_ids
+from qzoom_adapters.recipes.stage1 import save_zoom
+from qzoom_adapters.recipes.tiny import write_tiny_setup
 
 K = 3  # the tiny recipes branch at K=3 with T=3
 TARGET = "abc"

@@ -8,10 +8,10 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import qzoom_adapters as qz
-from backbones.qwen2_5_vl import Qwen2_5_VLSpec
-from backbones.qwen3_vl import Qwen3VLSpec
-from backbones.thinking import final_answer, split_thinking
-from backbones.tiny_processor import QWEN_CHAT_TEMPLATE
+from qzoom_adapters.backbones.qwen2_5_vl import Qwen2_5_VLSpec
+from qzoom_adapters.backbones.qwen3_vl import Qwen3VLSpec
+from qzoom_adapters.backbones.thinking import final_answer, split_thinking
+from qzoom_adapters.backbones.tiny_processor import QWEN_CHAT_TEMPLATE
 from qzoom_adapters.testing import make_kit, run_conformance
 
 THINK_SYSTEM = ("You are a helpful assistant. Look at the image, reason inside <think></think>, "

@@ -5,7 +5,7 @@ import torch
 import transformers
 from PIL import Image
 
-from backbones.tiny_processor import SPECIAL_TOKENS, TINY_VOCAB_SIZE, tiny_qwen2_5_vl_processor, tiny_qwen_tokenizer
+from qzoom_adapters.backbones.tiny_processor import SPECIAL_TOKENS, TINY_VOCAB_SIZE, tiny_qwen2_5_vl_processor, tiny_qwen_tokenizer
 
 EXPECTED_IDS = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "<|vision_start|>": 3,
                 "<|vision_end|>": 4, "<|image_pad|>": 5, "<|video_pad|>": 6}

@@ -6,7 +6,7 @@ import torch
 import transformers
 from PIL import Image
 
-from backbones.tiny_processor import (TINY_LLAVA_VOCAB_SIZE, TINY_VOCAB_SIZE, tiny_llava_processor,
+from qzoom_adapters.backbones.tiny_processor import (TINY_LLAVA_VOCAB_SIZE, TINY_VOCAB_SIZE, tiny_llava_processor,
                                       tiny_llava_tokenizer, tiny_qwen2_vl_processor, tiny_qwen3_vl_processor)
 
 FACTORIES = {"qwen2_vl": tiny_qwen2_vl_processor, "qwen3_vl": tiny_qwen3_vl_processor, "llava": tiny_llava_processor}

@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from qzoom_adapters.errors import QZoomError
-from recipes.config import TrainSection
-from recipes.trainer import Trainer
+from qzoom_adapters.recipes.config import TrainSection
+from qzoom_adapters.recipes.trainer import Trainer
 
 
 class Toy(nn.Module):

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from benchmarks.zoomworld import box_hit, exact_match, make_sample, score, split
-from benchmarks.zoomworld.generator import VAL_SEED, make_scene, train_stream
+from qzoom_adapters.benchmarks.zoomworld import box_hit, exact_match, make_sample, score, split
+from qzoom_adapters.benchmarks.zoomworld.generator import VAL_SEED, make_scene, train_stream
 
 
 def test_deterministic_per_seed():
@@ -73,9 +73,9 @@ def test_default_model_trains_and_saves_a_small_hf_folder(tmp_path):
     """Two steps of the from-scratch training script: finite loss, answer-only labels, an HF folder <= 16 MB."""
     import torch
 
-    from benchmarks.zoomworld.model import new_model
-    from benchmarks.zoomworld.train import AnswerCollate, StreamDataset, train
-    from recipes.models import load_backbone
+    from qzoom_adapters.benchmarks.zoomworld.model import new_model
+    from qzoom_adapters.benchmarks.zoomworld.train import AnswerCollate, StreamDataset, train
+    from qzoom_adapters.recipes.models import load_backbone
 
     model, processor = new_model()
     assert sum(p.numel() for p in model.parameters()) <= 8e6
@@ -99,7 +99,7 @@ def test_shipped_default_reproduces_its_record(tmp_path):
     differ in at most one sample across transformers versions and CPUs)."""
     import json
 
-    from benchmarks.zoomworld.shipped import DEFAULT_DIR, load_default, recorded_check
+    from qzoom_adapters.benchmarks.zoomworld.shipped import DEFAULT_DIR, load_default, recorded_check
 
     size = sum(f.stat().st_size for f in DEFAULT_DIR.rglob("*") if f.is_file() and f.suffix in (".safetensors", ".json",
                                                                                                  ".jinja"))
@@ -119,8 +119,8 @@ def test_fast_training_inputs_equal_the_processor(budget):
     """Worker-side uint8 patches + device-side normalisation == the HF processor via spec.chat_inputs."""
     import torch
 
-    from benchmarks.zoomworld.batches import FastChatInputs
-    from benchmarks.zoomworld.model import FACTOR, new_model
+    from qzoom_adapters.benchmarks.zoomworld.batches import FastChatInputs
+    from qzoom_adapters.benchmarks.zoomworld.model import FACTOR, new_model
     from qzoom_adapters.spec import get_spec
 
     model, processor = new_model()
@@ -138,8 +138,8 @@ def test_fast_training_inputs_equal_the_processor(budget):
 
 def test_glyph_targets_name_the_character_under_each_feature():
     """Every glyph target row lies inside its image's features and names a code character of a plate in view."""
-    from benchmarks.zoomworld.model import zoomworld_processor
-    from benchmarks.zoomworld.train import AnswerCollate, StreamDataset
+    from qzoom_adapters.benchmarks.zoomworld.model import zoomworld_processor
+    from qzoom_adapters.benchmarks.zoomworld.train import AnswerCollate, StreamDataset
 
     processor = zoomworld_processor()
     ds = StreamDataset(4, crop_p=1.0)
@@ -160,8 +160,8 @@ def test_a_config_saved_by_5x_loads_on_either_line(tmp_path):
 
     import torch
 
-    from benchmarks.zoomworld.model import new_model
-    from recipes.models import load_backbone
+    from qzoom_adapters.benchmarks.zoomworld.model import new_model
+    from qzoom_adapters.recipes.models import load_backbone
 
     model, processor = new_model()
     model.eval().save_pretrained(tmp_path)
@@ -181,10 +181,10 @@ def test_a_config_saved_by_5x_loads_on_either_line(tmp_path):
 
 
 def test_recipe_setup_loads_as_a_recipe(tmp_path):
-    """`benchmarks.zoomworld.recipe` writes records the recipes read (boxes on the stage-1 ones) and a valid YAML."""
-    from benchmarks.zoomworld.recipe import write_setup
-    from recipes.config import load_config
-    from recipes.data import read_records
+    """`qzoom_adapters.benchmarks.zoomworld.recipe` writes records the recipes read (boxes on the stage-1 ones) and a valid YAML."""
+    from qzoom_adapters.benchmarks.zoomworld.recipe import write_setup
+    from qzoom_adapters.recipes.config import load_config
+    from qzoom_adapters.recipes.data import read_records
 
     setup = write_setup(tmp_path / "run", tmp_path / "model", n=2, grid=4)
     cfg = load_config(setup / "recipe.yaml")
@@ -197,8 +197,8 @@ def test_recipe_setup_loads_as_a_recipe(tmp_path):
 def test_code_size_is_set_in_visual_tokens():
     """A character advances about one merged token (28 px) of the 1024-token view, and the code is a few
     pixels high at 64 tokens (too small to read), whatever the scene's size."""
-    from benchmarks.zoomworld.batches import budget_size
-    from benchmarks.zoomworld.generator import ADVANCE_1024
+    from qzoom_adapters.benchmarks.zoomworld.batches import budget_size
+    from qzoom_adapters.benchmarks.zoomworld.generator import ADVANCE_1024
 
     lo, hi = ADVANCE_1024
     plain = []
@@ -219,7 +219,7 @@ def test_code_size_is_set_in_visual_tokens():
 
 
 def test_oracle_box_cells_cover_exactly_the_cells_the_box_touches():
-    from benchmarks.zoomworld.probes import box_cells
+    from qzoom_adapters.benchmarks.zoomworld.probes import box_cells
 
     m = box_cells((150, 0, 151, 99), (1000, 500), 5, 10)  # x in cell 1, y 0..99 -> row 0 only (100 px per row)
     assert m.sum() == 1 and m[0, 1] == 1
@@ -229,7 +229,7 @@ def test_oracle_box_cells_cover_exactly_the_cells_the_box_touches():
 
 
 def test_training_script_runs_under_two_processes(tmp_path):
-    """`torchrun --nproc_per_node 2 -m benchmarks.zoomworld.train` (gloo on CPU): the run reports two processes
+    """`torchrun --nproc_per_node 2 -m qzoom_adapters.benchmarks.zoomworld.train` (gloo on CPU): the run reports two processes
     and its planned steps, one model folder is saved; --plan-seconds is refused there with a clear error."""
     import json
     import os
@@ -240,7 +240,7 @@ def test_training_script_runs_under_two_processes(tmp_path):
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     base = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-            "-m", "benchmarks.zoomworld.train", "--batch-size", "1", "--num-workers", "0", "--budgets", "64",
+            "-m", "qzoom_adapters.benchmarks.zoomworld.train", "--batch-size", "1", "--num-workers", "0", "--budgets", "64",
             "--crop-p", "1.0"]
     run = subprocess.run(base + ["--out", str(tmp_path / "ddp"), "--steps", "2"], env=env, capture_output=True,
                          text=True, timeout=300)
@@ -255,7 +255,7 @@ def test_training_script_runs_under_two_processes(tmp_path):
 def test_detail_samples_ask_every_plate_and_the_largest_is_large_by_its_margin():
     """The largest plate's code is drawn at the same scale as the others (no question filter is needed); it
     is asked like any other plate."""
-    from benchmarks.zoomworld.generator import make_scene
+    from qzoom_adapters.benchmarks.zoomworld.generator import make_scene
 
     asked_largest = 0
     for i in range(40):
@@ -274,7 +274,7 @@ def test_detail_samples_ask_every_plate_and_the_largest_is_large_by_its_margin()
 
 
 def test_grounding_answers_round_trip_and_stay_on_the_grid():
-    from benchmarks.zoomworld.generator import box_text, grounding_questions, make_scene, parse_box_text
+    from qzoom_adapters.benchmarks.zoomworld.generator import box_text, grounding_questions, make_scene, parse_box_text
 
     image, plates = make_scene(VAL_SEED + 1)
     for q, a, family, kind, box in grounding_questions(plates, image.size):
@@ -290,8 +290,8 @@ def test_grounding_answers_round_trip_and_stay_on_the_grid():
 
 
 def test_training_items_carry_grounding_in_view_coordinates():
-    from benchmarks.zoomworld.generator import parse_box_text
-    from benchmarks.zoomworld.train import StreamDataset
+    from qzoom_adapters.benchmarks.zoomworld.generator import parse_box_text
+    from qzoom_adapters.benchmarks.zoomworld.train import StreamDataset
 
     ds = StreamDataset(40, crop_p=0.3, square_p=0.5)
     kinds = set()
@@ -314,7 +314,7 @@ def test_training_items_carry_grounding_in_view_coordinates():
 
 
 def test_threshold_choice_maximises_the_worst_rate_over_budgets():
-    from benchmarks.zoomworld.threshold import choose, rates
+    from qzoom_adapters.benchmarks.zoomworld.threshold import choose, rates
 
     fam = ["detail"] * 4 + ["global"] * 4
     probs = {64: [0.9, 0.8, 0.7, 0.95, 0.1, 0.75, 0.2, 0.3], 128: [0.85, 0.6, 0.75, 0.9, 0.1, 0.1, 0.65, 0.2]}
@@ -331,7 +331,7 @@ def test_threshold_choice_maximises_the_worst_rate_over_budgets():
 
 def test_threshold_counts_only_the_detail_questions_the_budget_gets_wrong():
     """A detail question the budget already answers needs no zoom: missing it costs nothing."""
-    from benchmarks.zoomworld.threshold import choose, rates
+    from qzoom_adapters.benchmarks.zoomworld.threshold import choose, rates
 
     fam = ["detail", "detail", "global", "global"]
     probs = {64: [0.9, 0.3, 0.5, 0.1]}

@@ -8,12 +8,12 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.zoomworld import bench
-from benchmarks.plots import PLOT_SIZE, SERIES_COLOURS, LogXFrame, line_plot
-from benchmarks.zoomworld.bench import run_baseline, run_qzoom
-from benchmarks.zoomworld.generator import split
-from benchmarks.zoomworld.shipped import load_default, write_untrained_default
-from recipes.cli import main
+from qzoom_adapters.benchmarks.zoomworld import bench
+from qzoom_adapters.benchmarks.plots import PLOT_SIZE, SERIES_COLOURS, LogXFrame, line_plot
+from qzoom_adapters.benchmarks.zoomworld.bench import run_baseline, run_qzoom
+from qzoom_adapters.benchmarks.zoomworld.generator import split
+from qzoom_adapters.benchmarks.zoomworld.shipped import load_default, write_untrained_default
+from qzoom_adapters.recipes.cli import main
 
 
 def _rate(value) -> bool:

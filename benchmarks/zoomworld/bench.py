@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 
-from recipes.data import chunks
-from recipes.models import batch_to
+from qzoom_adapters.recipes.data import chunks
+from qzoom_adapters.recipes.models import batch_to
 
-from benchmarks.plots import line_plot
-from benchmarks.provenance import git_commit, machine
+from qzoom_adapters.benchmarks.plots import line_plot
+from qzoom_adapters.benchmarks.provenance import git_commit, machine
 
 from .generator import split
 from .model import BUDGETS, FACTOR
@@ -213,7 +213,7 @@ def bench(model_dir=None, n: int | None = None, batch_size: int = 16, out=None, 
     baseline_budgets, qzoom_budgets = (QUICK["baseline"], QUICK["qzoom"]) if quick else (BUDGETS, QZOOM_BUDGETS)
     t0 = time.perf_counter()
     zoom, spec, processor = load_default(model_dir)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as `recipes.models.load_backbone`
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as `qzoom_adapters.recipes.models.load_backbone`
     for module in (zoom.model, zoom.twig, zoom.gate):
         if module is not None:
             module.to(device, dtype)

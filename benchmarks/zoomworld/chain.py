@@ -1,9 +1,9 @@
 """The whole Q-Zoom chain on a ZoomWorld model, through the project's recipes, into a default folder.
 
-    python -m benchmarks.zoomworld.chain --model MODEL_DIR --out RUN [--n 256] [--n-gate 300] [--n-val 96]
+    python -m qzoom_adapters.benchmarks.zoomworld.chain --model MODEL_DIR --out RUN [--n 256] [--n-gate 300] [--n-val 96]
 
 Steps (each one a recipe command; a step whose output is complete is skipped, so a stopped chain resumes):
-1. `benchmarks.zoomworld.recipe`: records (natural mode: the detail question + GROUNDING_PROMPT, answered
+1. `qzoom_adapters.benchmarks.zoomworld.recipe`: records (natural mode: the detail question + GROUNDING_PROMPT, answered
    with the plate's box), the stage-2/3 pools and `recipe.yaml`;
 2. `qzoom heads` on the candidate layers: the natural-mode grounding heads. The records' ground-truth
    boxes **select** the heads (the lift ranking); no sink heads are used;
@@ -33,7 +33,7 @@ ROI_BUDGETS = (64, 128)
 
 
 def _cli(*argv: str) -> None:
-    from recipes.cli import main
+    from qzoom_adapters.recipes.cli import main
 
     code = main(list(argv))
     if code:
@@ -69,7 +69,7 @@ def choose_roi_threshold(zoom, spec, processor, samples, budgets=ROI_BUDGETS, ca
 def assemble(model_dir: Path, adapters: Path, out: Path, run: Path) -> Path:
     """A default folder: `model/` (copied), the adapters of `adapters` in bf16, `training/` (recipe, logs)."""
     from qzoom_adapters.pipeline import QZoom
-    from recipes.models import load_backbone
+    from qzoom_adapters.recipes.models import load_backbone
 
     if out.exists():
         shutil.rmtree(out)

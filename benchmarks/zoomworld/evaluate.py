@@ -1,6 +1,6 @@
 """Baseline accuracy of a ZoomWorld model at visual-token budgets (plain HF `generate`, greedy).
 
-    python -m benchmarks.zoomworld.evaluate --model DIR [--n 200] [--budgets 64,256,1024]
+    python -m qzoom_adapters.benchmarks.zoomworld.evaluate --model DIR [--n 200] [--budgets 64,256,1024]
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from .model import BUDGETS
 
 
 def main(argv=None) -> int:
-    from recipes.models import load_backbone
+    from qzoom_adapters.recipes.models import load_backbone
 
     from .bench import run_baseline
 

@@ -1,13 +1,13 @@
 """The ZoomWorld default model: a Qwen2.5-VL-architecture VLM small enough to ship (~6M parameters).
 
-It uses the project's offline character tokenizer and chat template (`backbones.tiny_processor`), so
+It uses the project's offline character tokenizer and chat template (`qzoom_adapters.backbones.tiny_processor`), so
 the model + processor folder is an ordinary Hugging Face directory that `AutoProcessor` and the
 Qwen2.5-VL class load. Stored in bf16 it is ~12 MB.
 """
 from __future__ import annotations
 
-from backbones.qwen2_5_vl import Qwen2_5_VLSpec
-from backbones.tiny_processor import TINY_VOCAB_SIZE, tiny_qwen2_5_vl_processor
+from qzoom_adapters.backbones.qwen2_5_vl import Qwen2_5_VLSpec
+from qzoom_adapters.backbones.tiny_processor import TINY_VOCAB_SIZE, tiny_qwen2_5_vl_processor
 
 BUDGETS = (64, 128, 256, 576, 1024)  # visual tokens the model is trained and benchmarked at
 FACTOR = 28  # 14-px patches merged 2x2

@@ -9,7 +9,7 @@
   and the share with IoU >= 0.5. It says whether the base model binds a colour word to a plate, which the
   natural-mode labels need.
 
-    python -m benchmarks.zoomworld.probes [--model DEFAULT_DIR] [--n 32] [--budgets 64,128] [--grounding-only]
+    python -m qzoom_adapters.benchmarks.zoomworld.probes [--model DEFAULT_DIR] [--n 32] [--budgets 64,128] [--grounding-only]
 
 Validation split, detail questions, batch size 1 for the oracle (the mask is per sample).
 """
@@ -22,7 +22,7 @@ import random
 
 import torch
 
-from benchmarks.forced_box import with_sink_mask
+from qzoom_adapters.benchmarks.forced_box import with_sink_mask
 
 from .generator import GROUNDING_PROMPT, VAL_SEED, make_sample, parse_box_text
 from .model import FACTOR
@@ -75,7 +75,7 @@ def probe(model_dir=None, n: int = 32, budgets=(64, 128), grounding_only: bool =
 
     samples = [make_sample(VAL_SEED + i, "detail") for i in range(n)]
     if grounding_only and (Path(model_dir or DEFAULT_DIR) / "config.json").is_file():  # a bare model folder
-        from recipes.models import load_backbone
+        from qzoom_adapters.recipes.models import load_backbone
 
         model, processor, spec = load_backbone(str(model_dir), eval_mode=True)
         if torch.cuda.is_available():

@@ -1,6 +1,6 @@
 """Q-Zoom on the ZoomWorld model through the project's own recipes: records + a recipe YAML.
 
-    python -m benchmarks.zoomworld.recipe --model DIR --out RUN [--n 128]
+    python -m qzoom_adapters.benchmarks.zoomworld.recipe --model DIR --out RUN [--n 128]
     qzoom heads --config RUN/recipe.yaml --layers 1,2,3 --out RUN/heads.json   # choose the pairs
     qzoom labels stage1 --config RUN/recipe.yaml --set labels_stage1.textual_pairs=...
     qzoom train stage1 --config RUN/recipe.yaml
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from recipes.data import write_jsonl
+from qzoom_adapters.recipes.data import write_jsonl
 
 from .generator import GROUNDING_PROMPT, make_sample
 

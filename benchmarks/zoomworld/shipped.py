@@ -24,7 +24,7 @@ _NEEDED = ("model/config.json", "adapter_config.json", "adapter_model.safetensor
 def load_default(path=DEFAULT_DIR, **config_overrides):
     """(zoom, spec, processor) of a default folder; keyword arguments override its saved `ZoomConfig`."""
     import qzoom_adapters as qz
-    from recipes.models import load_backbone
+    from qzoom_adapters.recipes.models import load_backbone
 
     path = Path(path)
     missing = [name for name in _NEEDED if not (path / name).is_file()]
@@ -134,7 +134,7 @@ def recorded_check(path=DEFAULT_DIR, out_dir=None) -> dict:
 
 
 def main(argv=None) -> int:
-    """`python -m benchmarks.zoomworld.shipped --record DIR`: store `recorded_check` in DIR/record.json."""
+    """`python -m qzoom_adapters.benchmarks.zoomworld.shipped --record DIR`: store `recorded_check` in DIR/record.json."""
     import argparse
 
     p = argparse.ArgumentParser(description=main.__doc__)

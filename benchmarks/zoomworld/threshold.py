@@ -1,6 +1,6 @@
 """Choose a ZoomWorld default's gate threshold on validation questions (never on test).
 
-    python -m benchmarks.zoomworld.threshold --model DEFAULT_DIR [--n 96] [--budgets 64,128,256] [--write]
+    python -m qzoom_adapters.benchmarks.zoomworld.threshold --model DEFAULT_DIR [--n 96] [--budgets 64,128,256] [--write]
 
 Runs the gate (zoom off) and the plain model on `n` validation questions, half detail and half global, at
 each budget, and picks the threshold whose worst rate is best: the largest min over budgets of min(share of
@@ -21,7 +21,7 @@ from .generator import VAL_SEED, make_sample
 @torch.no_grad()
 def gate_probs(zoom, spec, processor, samples, budget: int, batch_size: int = 16) -> list[float]:
     """The gate's probability for each sample with the global view at `budget` (nothing is zoomed)."""
-    from recipes.data import chunks
+    from qzoom_adapters.recipes.data import chunks
 
     from .bench import view_inputs
 

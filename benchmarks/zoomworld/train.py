@@ -1,11 +1,11 @@
 """Train the ZoomWorld default model from scratch (answers at mixed budgets), on the project's trainer.
 
-    python -m benchmarks.zoomworld.train --out zoomworld-model --steps 20000 [--batch-size 32]
+    python -m qzoom_adapters.benchmarks.zoomworld.train --out zoomworld-model --steps 20000 [--batch-size 32]
 
 Every step draws fresh ZoomWorld items (seeded: the index fixes the item) at one visual-token budget
 per batch: a scene with all its questions as one conversation, or a crop around a plate. The loss
 is the answers' cross-entropy plus a dense reading loss on the visual features (`AnswerObjective`).
-Checkpoints, resume and the loss curve (train_log.csv) come from `recipes.trainer.Trainer`.
+Checkpoints, resume and the loss curve (train_log.csv) come from `qzoom_adapters.recipes.trainer.Trainer`.
 """
 from __future__ import annotations
 
@@ -262,12 +262,12 @@ def train(out, steps: int | None, batch_size: int = 32, lr: float = 1e-3, num_wo
           square_p: float = SQUARE_VIEW_P, grounding: bool = True) -> dict:
     """Train (or continue from `init`, a saved model folder) for `steps`, or as many as `plan_seconds` allow
     at the measured throughput (the cosine schedule then ends on time)."""
-    from recipes.config import TrainSection
-    from recipes.trainer import Trainer, process_state
+    from qzoom_adapters.recipes.config import TrainSection
+    from qzoom_adapters.recipes.trainer import Trainer, process_state
 
     model, processor = new_model(seed)
     if init is not None:
-        from recipes.models import load_backbone
+        from qzoom_adapters.recipes.models import load_backbone
 
         model = load_backbone(init)[0].float()
     model.train()
@@ -327,7 +327,7 @@ def main(argv=None) -> int:
                    max_seconds=args.max_seconds, init=args.init, plan_seconds=args.plan_seconds,
                    budgets=[int(b) for b in args.budgets.split(",")], crop_p=args.crop_p, square_p=args.square_p,
                    grounding=not args.no_grounding)
-    from recipes.trainer import process_state
+    from qzoom_adapters.recipes.trainer import process_state
 
     if process_state().is_main_process:  # every process returns the same summary
         print(json.dumps(result, indent=1))

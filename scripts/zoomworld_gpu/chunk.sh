@@ -4,20 +4,17 @@
 # grounding on validation scenes, and bring back under $OUT model.tar (the model folder), train_log.csv,
 # probe.json and log.txt. The next chunk continues from the model.tar that came back (unpacked into .zw/):
 #
-#   tar -C .zw/init -xf model.tar     # here, between calls; then, on the device (carry .zw and .whl):
+#   tar -C .zw/init -xf model.tar; git archive -o .zw/src.tar HEAD   # here, between calls; then, on the
+#   device (carry .zw and .whl):
 #   INIT=.zw/init/model SECONDS_BUDGET=470 LR=3e-4 bash scripts/zoomworld_gpu/chunk.sh
 set -euo pipefail
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site
-fi
-export PYTHONUNBUFFERED=1
+source "$(dirname "$0")/env.sh"
 OUT=${OUT:-/tmp/zwchunk-out}
 RUN=${RUN:-/tmp/zwchunk}
 INIT=${INIT:-.zw/init/model}
 SECONDS_BUDGET=${SECONDS_BUDGET:-470}
 mkdir -p "$RUN" "$OUT"
-python3 -m benchmarks.zoomworld.train --plan-seconds "$SECONDS_BUDGET" --max-seconds "$SECONDS_BUDGET" \
+python3 -m qzoom_adapters.benchmarks.zoomworld.train --plan-seconds "$SECONDS_BUDGET" --max-seconds "$SECONDS_BUDGET" \
   --out "$RUN/out" --init "$INIT" --seed "${SEED:-6}" --batch-size "${BATCH:-64}" --lr "${LR:-3e-4}" \
   --num-workers "${WORKERS:-14}" --budgets "${BUDGETS:-64,128,256,576,1024,1024}" --crop-p "${CROP_P:-0.3}" \
   2>&1 | tr '\r' '\n' | grep --line-buffered -v -e 'it/s\]$' -e '^training -> ' -e '^\s*$' -e 'Loading weights' > "$OUT/log.txt" || true
@@ -25,6 +22,6 @@ tail -n 25 "$OUT/log.txt"
 cp "$RUN/out/train_log.csv" "$OUT/" 2>/dev/null || true
 [ -f "$RUN/out/model/model.safetensors" ] || { echo "no model saved"; exit 1; }
 tar -C "$RUN/out" -cf "$OUT/model.tar" model
-timeout "${PROBE_SECONDS:-60}" python3 -m benchmarks.zoomworld.probes --model "$RUN/out/model" --n 48 --grounding-only \
+timeout "${PROBE_SECONDS:-60}" python3 -m qzoom_adapters.benchmarks.zoomworld.probes --model "$RUN/out/model" --n 48 --grounding-only \
   2>/dev/null > "$OUT/probe.json" || echo "probe did not finish"
 cat "$OUT/probe.json"

@@ -6,7 +6,7 @@
 RUN=${RUN:-/tmp/zwrun}
 end=$((SECONDS + ${1:-540}))
 while [ $SECONDS -lt "$end" ]; do
-  pgrep -f "benchmarks.zoomworld" >/dev/null || { echo "run ended"; break; }
+  pgrep -f "qzoom_adapters.benchmarks.zoomworld" >/dev/null || { echo "run ended"; break; }
   sleep 10
 done
 tr '\r' '\n' < "$RUN/log.txt" | grep -v -e '^\s*$' -e 'Loading weights' -e 'it/s\]$' | tail -n 40
@@ -14,7 +14,7 @@ cp "$RUN/log.txt" "$OUT/" 2>/dev/null
 cp "$RUN/out/train_log.csv" "$OUT/" 2>/dev/null
 if [ -d "$RUN/pack" ]; then
   cp "$RUN"/pack/* "$OUT/"
-elif [ -d "$RUN/out/model" ] && ! pgrep -f "benchmarks.zoomworld" >/dev/null; then
+elif [ -d "$RUN/out/model" ] && ! pgrep -f "qzoom_adapters.benchmarks.zoomworld" >/dev/null; then
   mkdir -p "$OUT/model"
   for f in config.json generation_config.json model.safetensors processor_config.json tokenizer.json chat_template.jinja; do
     cp "$RUN/out/model/$f" "$OUT/model/" 2>/dev/null

@@ -8,10 +8,7 @@
 # With several GPUs (NPROC, default: all visible) it runs one process per GPU under torchrun (DDP; only the
 # multi-process path on CPU is tested here, never on GPUs).
 set -euo pipefail
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site
-fi
+source "$(dirname "$0")/env.sh"
 export PYTHONUNBUFFERED=1
 # several GPUs: NVLink multicast stays off (the lent machines require it; set here too in case the image's
 # environment is not inherited)
@@ -25,10 +22,10 @@ mkdir -p "$RUN"
 if [ "$NPROC" -gt 1 ]; then
   # one process per GPU; the plan probe measures one process, so the steps are given: run 9 (2 H200s, 15
   # workers each) took 0.38 s a step of 2 x 64 (the time budget stops a slower run, schedule unfinished)
-  launch=(torchrun --nproc_per_node "$NPROC" -m benchmarks.zoomworld.train --steps "${STEPS:-$((SECONDS_BUDGET * 100 / 38))}")
+  launch=(torchrun --nproc_per_node "$NPROC" -m qzoom_adapters.benchmarks.zoomworld.train --steps "${STEPS:-$((SECONDS_BUDGET * 100 / 38))}")
   WORKERS=${WORKERS:-$(( ($(nproc) - NPROC) / NPROC ))}
 else
-  launch=(python3 -m benchmarks.zoomworld.train --plan-seconds "$SECONDS_BUDGET")
+  launch=(python3 -m qzoom_adapters.benchmarks.zoomworld.train --plan-seconds "$SECONDS_BUDGET")
 fi
 setsid nohup "${launch[@]}" --out "$RUN/out" ${INIT:+--init "$INIT"} --seed "${SEED:-4}" \
   --batch-size "${BATCH:-64}" --lr "${LR:-3e-4}" --num-workers "${WORKERS:-15}" \
