@@ -131,9 +131,14 @@ class VisionLanguageSpec(ABC):
     def validate_inputs(self, inputs: dict) -> None:
         """One still image per sample, with as many image tokens as its grid says."""
         ids = inputs["input_ids"]
+        if ids.dim() != 2 or ids.shape[0] == 0:
+            raise QZoomError(f"input_ids must be a non-empty (batch, seq) tensor, got shape {tuple(ids.shape)}")
         video = self.video_token_id
-        if inputs.get("pixel_values_videos") is not None or (video is not None and (ids == video).any()):
+        if inputs.get("pixel_values_videos") is not None:
             raise QZoomError("video input is not supported by Q-Zoom; pass one still image per sample")
+        if video is not None and (ids == video).any():
+            raise QZoomError(f"input_ids hold this model's video token (id {video}) but no video was given: the "
+                             "inputs were probably made by another model's processor; use this model's processor")
         if inputs.get("pixel_values") is None:
             raise QZoomError("inputs need `pixel_values` (the processor's output)")
         runs = image_runs(ids, self.image_token_id)
@@ -144,6 +149,11 @@ class VisionLanguageSpec(ABC):
         grid = self.image_grids(inputs)
         if grid.shape[0] != ids.shape[0]:
             raise QZoomError(f"got {grid.shape[0]} images for {ids.shape[0]} samples (more than one image per sample?)")
+        if grid.dim() != 2 or grid.shape[1] != 3:
+            raise QZoomError(f"image grids must be (images, 3) rows of (t, h, w), got shape {tuple(grid.shape)}")
+        if (grid[:, 0] != 1).any():
+            raise QZoomError(f"image grid t values {grid[:, 0].tolist()}: a still image has t=1 (t > 1 is a video "
+                             "clip); pass one still image per sample")
         per_sample = (ids == self.image_token_id).sum(dim=1).tolist()
         expected = [h * w for h, w in map(self.token_grid, grid)]
         if per_sample != expected:

@@ -23,6 +23,8 @@ class Qwen2VLSpec(VisionLanguageSpec):
     model_types = ("qwen2_vl",)
     rope_axes = 3  # position ids are (3, B, S)
     default_position_mode = "aligned"
+    grid_keeps_aspect = True  # smart_resize keeps the aspect ratio up to a token of rounding per side
+    MAX_CROP_TOKENS = 16384  # the Qwen-VL processors' own default ceiling (max_pixels = 16384 merged tokens)
 
     @property
     def merge_size(self) -> int:
@@ -38,6 +40,15 @@ class Qwen2VLSpec(VisionLanguageSpec):
 
     def view_kwargs(self, pixels: int | None) -> dict:
         return {} if pixels is None else _compat.budget_kwargs(pixels, pixels)
+
+    def validate_inputs(self, inputs: dict) -> None:
+        """The generic checks, and as many `pixel_values` rows (patches) as the grids say."""
+        super().validate_inputs(inputs)
+        grid, pixel_values = self.image_grids(inputs), inputs["pixel_values"]
+        patches = int((grid[:, 0] * grid[:, 1] * grid[:, 2]).sum())
+        if pixel_values.dim() != 2 or pixel_values.shape[0] != patches:
+            raise QZoomError(f"pixel_values have shape {tuple(pixel_values.shape)} but the image grids need "
+                             f"{patches} patch rows; pass the processor's pixel_values and image_grid_thw together")
 
     # --- image -> tokens -----------------------------------------------------------------
     def encode_images(self, pixel_values, grids) -> VisualFeatures:
@@ -67,8 +78,28 @@ class Qwen2VLSpec(VisionLanguageSpec):
                              "set crop_min_pixels/crop_max_pixels")
         return int(lo), int(hi)
 
+    def check_crop_budget(self, image_processor, min_pixels, max_pixels) -> None:
+        """A crop budget beyond every sane size (it would allocate the crop's patches first) is refused.
+
+        The limit is the larger of the global view's max_pixels and `MAX_CROP_TOKENS` merged tokens.
+        """
+        try:
+            _, hi = self.global_budget(image_processor)
+        except QZoomError:  # a processor without budgets: only the fixed ceiling applies
+            hi = 0
+        limit = max(hi, self.MAX_CROP_TOKENS * self.factor**2)
+        for name, px in (("crop_min_pixels", min_pixels), ("crop_max_pixels", max_pixels)):
+            if px is not None and px > limit:
+                raise QZoomError(
+                    f"{name}={px} asks for about {px // self.factor**2} visual tokens per crop; the limit is "
+                    f"{limit} px "
+                    f"({limit // self.factor**2} tokens: the larger of the processor's max_pixels and "
+                    f"{self.MAX_CROP_TOKENS} tokens); lower {name}"
+                )
+
     def process_crops(self, image_processor, crops, min_pixels, max_pixels) -> dict:
         """Re-encode crops at a pixel budget (default: the global view's, SPEC §2.8)."""
+        self.check_crop_budget(image_processor, min_pixels, max_pixels)
         if min_pixels is None or max_pixels is None:
             lo, hi = self.global_budget(image_processor)
             min_pixels, max_pixels = min_pixels or lo, max_pixels or hi

@@ -4,7 +4,9 @@ from __future__ import annotations
 import warnings
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import QZoomError
 
 
 class _Tolerant(BaseModel):
@@ -25,8 +27,11 @@ class _Tolerant(BaseModel):
 class ZoomConfig(_Tolerant):
     """Inference behaviour of the gated two-pass decoder (SPEC §2-§3)."""
 
-    gate_threshold: float = Field(0.05, ge=0.0, description="zoom iff p >= this; 0 = always, > 1 = never")
-    roi_threshold: float = Field(0.15, description="threshold on the blurred foreground map")
+    gate_threshold: float = Field(0.05, ge=0.0, description="zoom iff p >= this; 0 = always, > 1 = never (NaN refused)")
+    roi_threshold: float = Field(
+        0.15, ge=-1.0, le=2.0, allow_inf_nan=False,
+        description="threshold on the blurred foreground map (which lies in [0, 1]): below 0 keeps the whole grid, "
+        "1 or above never finds a box; NaN and values outside [-1, 2] (e.g. a percentage) are refused")
     min_crop_px: int = Field(28, ge=1)
     blur_kernel: int = Field(3, ge=1)
     blur_sigma: float = Field(1.0, gt=0.0)
@@ -46,6 +51,33 @@ class ZoomConfig(_Tolerant):
         if self.crop_min_pixels and self.crop_max_pixels and self.crop_min_pixels > self.crop_max_pixels:
             raise ValueError("crop_min_pixels must not exceed crop_max_pixels")
         return self
+
+
+def validation_message(err: ValidationError) -> str:
+    """One line per pydantic error: `field: problem (got value)`."""
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in e.get("loc", ())) or "value"
+        got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
+        parts.append(f"{where}: {e.get('msg', 'invalid')}{got}")
+    return "; ".join(parts)
+
+
+def as_zoom_config(value) -> ZoomConfig:
+    """A `ZoomConfig` from a `ZoomConfig` (re-validated: `model_copy(update=...)` skips validation) or a dict.
+
+    Raises `QZoomError` with a one-line message for anything else or for invalid fields.
+    """
+    if isinstance(value, ZoomConfig):
+        data = value.model_dump()
+    elif isinstance(value, dict):
+        data = value
+    else:
+        raise QZoomError(f"the zoom config must be a ZoomConfig or a dict of its fields, got {type(value).__name__}")
+    try:
+        return ZoomConfig.model_validate(data)
+    except ValidationError as err:
+        raise QZoomError(f"invalid ZoomConfig: {validation_message(err)}") from None
 
 
 class AdapterConfig(_Tolerant):

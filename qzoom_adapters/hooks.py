@@ -1,6 +1,7 @@
 """Context-managed hooks on an unmodified backbone: every handle is removed, also on error."""
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -35,10 +36,16 @@ def capture_layer_input(layer: nn.Module, stop: bool = False, prefill_only: bool
         prefill_only: ignore single-token (decode) calls.
     Yields:
         a `LayerCapture` filled once the forward reached the layer.
+
+    Only forwards run by the thread that entered the context are captured (and stopped); a forward of
+    the same model in another thread passes the hook untouched.
     """
     cap = LayerCapture()
+    owner = threading.get_ident()
 
     def hook(module, args, kwargs):
+        if threading.get_ident() != owner:  # another thread's forward of the same model: not ours to capture or stop
+            return None
         hidden = args[0] if args else kwargs["hidden_states"]
         if prefill_only and hidden.shape[1] == 1 and cap.calls > 0:
             return None

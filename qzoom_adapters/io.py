@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -10,18 +11,22 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from pydantic import ValidationError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .config import AdapterConfig, ZoomConfig
+from .config import AdapterConfig, ZoomConfig, validation_message
 from .errors import QZoomError
 from .gate import DynamicGate
+from .images import check_regular_file
 from .spec import get_spec, spec_class_for
 from .twig import TwigRPN
 from .version import __version__
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+MODEL_WEIGHTS = ("model.safetensors", INDEX_NAME, "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -53,30 +58,73 @@ def save_adapters(path, model, twig: TwigRPN | None, gate: DynamicGate | None, z
     for name, module in (("twig", twig), ("gate", gate)):
         if module is not None:
             tensors.update({f"{name}.{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()})
-    meta = {"format": "pt", "library_version": __version__, "backbone_family": spec.family}
+    meta = {"format": "pt", "library_version": __version__, "backbone_family": spec.family,
+            "K": str(branch.K), "T": str(branch.T)}  # what the tensors were cut at: checked on load
     _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=meta))
     _atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(cfg.model_dump_json(indent=2)))
     return path
 
 
-def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+def _check_folder(path, what: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise QZoomError(f"{what} {path} does not exist")
+    if not path.is_dir():
+        raise QZoomError(f"{what} {path} is not a folder")
+    return path
+
+
+def _probe_safetensors(file: Path, what: str) -> dict:
+    """Check a safetensors file's header (truncation shows there) before anything loads it; its metadata."""
+    check_regular_file(file, what)
+    try:
+        with safe_open(str(file), "pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise QZoomError(f"cannot read {what} {file}: {err}. The file is truncated, corrupt or not "
+                         "safetensors") from None
+
+
+def _read_safetensors(file: Path, what: str = "adapter weights") -> dict[str, torch.Tensor]:
+    _probe_safetensors(file, what)
     try:
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError) as err:
-        raise QZoomError(f"cannot read adapter weights {file}: {err}. The file is corrupt or not safetensors; "
+        raise QZoomError(f"cannot read {what} {file}: {err}. The file is corrupt or not safetensors; "
                          "re-save the adapters") from err
+
+
+def _check_finite(tensors: dict, file: Path) -> None:
+    for key, value in tensors.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise QZoomError(f"{file}: tensor {key!r} holds NaN or inf values; the adapters are damaged "
+                             "(re-save or re-train them)")
 
 
 def load_adapters(path, model) -> tuple[TwigRPN | None, DynamicGate | None, ZoomConfig]:
     """Rebuild twig/gate for `model` from an adapter folder written by `save_adapters`."""
     path = Path(path)
-    if not (path / CONFIG_NAME).is_file():
+    if not path.exists():
+        raise QZoomError(f"adapter folder {path} does not exist (no {CONFIG_NAME} to read); pass the folder "
+                         "written by save_pretrained")
+    path = _check_folder(path, "adapter folder")
+    if not (path / CONFIG_NAME).exists():
         raise QZoomError(f"{path} has no {CONFIG_NAME}; is it an adapter folder written by save_pretrained?")
+    check_regular_file(path / CONFIG_NAME, "adapter config")
     try:
         cfg = AdapterConfig.model_validate(json.loads((path / CONFIG_NAME).read_text()))
-    except (json.JSONDecodeError, ValueError) as err:
+    except ValidationError as err:
+        raise QZoomError(f"{path / CONFIG_NAME} is not a valid adapter config: {validation_message(err)}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as err:
         raise QZoomError(f"{path / CONFIG_NAME} is not a valid adapter config: {err}") from err
     spec = get_spec(model)
+    model_type = getattr(model.config, "model_type", None)
+    if cfg.model_type != model_type:
+        raise QZoomError(f"adapters in {path} were saved for model_type {cfg.model_type!r} but the model is "
+                         f"{model_type!r}; load them into the model they were trained with")
+    if cfg.num_hidden_layers != len(spec.layers):
+        raise QZoomError(f"adapters in {path} were saved for a model with {cfg.num_hidden_layers} decoder layers but "
+                         f"this one has {len(spec.layers)}; load them into the model they were trained with")
     if cfg.backbone_family != spec.family:
         raise QZoomError(
             f"adapters in {path} were saved for backbone family {cfg.backbone_family!r} but the model is "
@@ -89,7 +137,13 @@ def load_adapters(path, model) -> tuple[TwigRPN | None, DynamicGate | None, Zoom
         )
     if cfg.hidden_size != spec.hidden_size:
         raise QZoomError(f"adapters have hidden size {cfg.hidden_size} but the model has {spec.hidden_size}")
+    meta = _probe_safetensors(path / WEIGHTS_NAME, "adapter weights")
+    for key, value in (("K", cfg.K), ("T", cfg.T)):
+        if key in meta and meta[key] != str(value):
+            raise QZoomError(f"{path / CONFIG_NAME} says {key}={value} but {WEIGHTS_NAME} was saved with "
+                             f"{key}={meta[key]}; restore {key}={meta[key]} in {CONFIG_NAME}")
     tensors = _read_safetensors(path / WEIGHTS_NAME)
+    _check_finite(tensors, path / WEIGHTS_NAME)
     twig = _load_state(TwigRPN.from_backbone(model, cfg.K, cfg.T), _prefixed(tensors, "twig"), path, "twig") if cfg.has_twig else None
     gate = _load_state(DynamicGate.from_backbone(model, cfg.K, cfg.T), _prefixed(tensors, "gate"), path, "gate") if cfg.has_gate else None
     return twig, gate, cfg.zoom
@@ -103,14 +157,76 @@ _REF_PATTERNS = {
 }
 
 
-def _checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors files a checkpoint folder consists of: those its `model.safetensors.index.json`
+    names, else its one `model.safetensors` (or its only *.safetensors file); other files are never read."""
+    index = path / INDEX_NAME
+    if index.exists():
+        check_regular_file(index, "checkpoint index")
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise QZoomError(f"{index} is not a valid safetensors index (needs a `weight_map`): {err}") from None
+        return [path / name for name in names]
+    if (path / "model.safetensors").exists():
+        return [path / "model.safetensors"]
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise QZoomError(f"{path} holds no *.safetensors files; is it a released Q-Zoom checkpoint folder?")
+    if len(files) > 1:
+        raise QZoomError(f"{path} holds several *.safetensors files ({', '.join(f.name for f in files[:4])}) but no "
+                         f"{INDEX_NAME} or model.safetensors saying which make up the checkpoint; remove the others "
+                         "or add the index")
+    return files
+
+
+def _checkpoint_tensors(path: Path, files: list[Path]) -> dict[str, torch.Tensor]:
     tensors = {}
     for file in files:
-        tensors.update(_read_safetensors(file))
+        tensors.update(_read_safetensors(file, "checkpoint weights"))
     return tensors
+
+
+def check_model_folder(path, what: str = "model folder") -> Path:
+    """A Hugging Face model folder on disk: config.json and readable weights (headers checked, regular files)."""
+    path = _check_folder(path, what)
+    if not (path / "config.json").exists():
+        raise QZoomError(f"{path} has no config.json; is it a Hugging Face model folder (save_pretrained)?")
+    check_regular_file(path / "config.json", "model config")
+    if not any((path / name).exists() for name in MODEL_WEIGHTS):
+        raise QZoomError(f"{path} holds no model weights ({' / '.join(MODEL_WEIGHTS)}); point at the folder the "
+                         "model was saved to")
+    if (path / INDEX_NAME).exists() or (path / "model.safetensors").exists():
+        for file in checkpoint_files(path):
+            _probe_safetensors(file, "model weights")
+    else:
+        for name in MODEL_WEIGHTS[2:]:
+            if (path / name).exists():
+                check_regular_file(path / name, "model weights")
+    return path
+
+
+def _read_model_config(path: Path) -> dict:
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise QZoomError(f"{path / 'config.json'} is not valid JSON: {err}") from None
+    if not isinstance(raw, dict) or not raw.get("model_type"):
+        raise QZoomError(f"{path / 'config.json'} has no model_type; is it a Hugging Face model config?")
+    return raw
+
+
+def load_model(path, **kwargs):
+    """The HF model saved in folder `path` (its family's class, eval mode), with clear errors for bad folders."""
+    from qzoom_adapters.backbones import _compat
+
+    path = check_model_folder(path)
+    spec_cls = spec_class_for(_read_model_config(path)["model_type"])
+    config = _compat.load_config(str(path))
+    try:
+        return spec_cls.model_class().from_pretrained(str(path), config=config, **kwargs).eval()
+    except SafetensorError as err:
+        raise QZoomError(f"cannot read the model weights in {path}: {err}") from None
 
 
 def reference_adapter_tensors(tensors: dict) -> dict[str, dict[str, torch.Tensor]]:
@@ -157,19 +273,27 @@ def _backbone_key_map(model, file_keys) -> dict[str, str]:
 
 def load_reference_checkpoint(path, torch_dtype=torch.float32, device=None, attn_implementation=None):
     """(model, twig, gate, zoom-config fields) from a released Q-Zoom checkpoint folder."""
-    path = Path(path)
+    path = _check_folder(path, "checkpoint folder")
     config_file = path / "config.json"
-    if not config_file.is_file():
+    if not config_file.exists():
         raise QZoomError(f"{path} has no config.json; pass the folder of a released Q-Zoom checkpoint")
-    raw = json.loads(config_file.read_text())
+    check_regular_file(config_file, "checkpoint config")
+    raw = _read_model_config(path)
     spec_cls = spec_class_for(raw.get("model_type", ""))
+    files = checkpoint_files(path)
+    for file in files:
+        _probe_safetensors(file, "checkpoint weights")
+    fields = _reference_fields(raw, config_file)  # bad values fail before the model loads
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with _quiet_transformers(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model, info = spec_cls.model_class().from_pretrained(
-            str(path), torch_dtype=torch_dtype, output_loading_info=True, **extra
-        )
-    tensors = _checkpoint_tensors(path)
+        try:
+            model, info = spec_cls.model_class().from_pretrained(
+                str(path), torch_dtype=torch_dtype, output_loading_info=True, **extra
+            )
+        except SafetensorError as err:
+            raise QZoomError(f"cannot read the checkpoint weights in {path}: {err}") from None
+    tensors = _checkpoint_tensors(path, files)
     if info.get("missing_keys"):
         # transformers did not convert this layout: map the decoder keys ourselves
         mapping = _backbone_key_map(model, tensors)
@@ -178,26 +302,54 @@ def load_reference_checkpoint(path, torch_dtype=torch.float32, device=None, attn
         if still:
             raise QZoomError(f"{path}: backbone weights missing after key mapping: {sorted(still)[:5]}")
     model = model.to(device).eval() if device else model.eval()
-    # Q-Zoom fields sit at the top level; a Qwen3-style nested config may carry them in text_config
     raw = {**(raw.get("text_config") or {}), **raw}
-    K = int(raw.get("high_res_K") or raw.get("twig_K") or 0)
-    T = int(raw.get("high_res_T") or raw.get("twig_T") or 0)
+    K, T = fields.pop("K"), fields.pop("T")
     parts = reference_adapter_tensors(tensors)
     if not parts["twig"] and not parts["gate"]:
         raise QZoomError(f"{path} holds no Q-Zoom tensors (twig_layers / high_res_layers / high_res_head)")
     if K <= 0 or T <= 0:
         raise QZoomError(f"{config_file} lacks twig_K/twig_T (or high_res_K/high_res_T)")
+    for name, part in parts.items():
+        _check_finite(part, path / f"{name} tensors")
     twig = gate = None
     if parts["twig"] and raw.get("enable_twig", True):
         twig = _load_state(TwigRPN.from_backbone(model, K, T), parts["twig"], path, "twig_layers")
     if parts["gate"] and raw.get("enable_high_res", True):
         gate = _load_state(DynamicGate.from_backbone(model, K, T), parts["gate"], path, "high_res_*")
-    fields = {"position_mode": "aligned" if raw.get("reuse_src_pos", False) else "sequential"}
-    if raw.get("high_res_thresh") is not None:
-        fields["gate_threshold"] = float(raw["high_res_thresh"])
-    if raw.get("roi_conf_thresh") is not None:
-        fields["roi_threshold"] = float(raw["roi_conf_thresh"])
     return model, twig, gate, fields
+
+
+def _config_number(raw: dict, key: str, kind, file: Path):
+    value = raw.get(key)
+    if value is None:
+        return None
+    try:
+        number = float(value) if not isinstance(value, bool) else None  # numeric strings are accepted
+    except (TypeError, ValueError):
+        number = None
+    if number is None or (kind is int and not (math.isfinite(number) and number == int(number))):
+        raise QZoomError(f"{file}: {key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    return int(number) if kind is int else number
+
+
+def _reference_fields(raw: dict, file: Path) -> dict:
+    """K, T and the ZoomConfig fields a released config holds, each value checked (named on error)."""
+    # Q-Zoom fields sit at the top level; a Qwen3-style nested config may carry them in text_config
+    raw = {**(raw.get("text_config") or {}), **raw}
+    num = {key: _config_number(raw, key, kind, file) for key, kind in (
+        ("high_res_K", int), ("twig_K", int), ("high_res_T", int), ("twig_T", int),
+        ("high_res_thresh", float), ("roi_conf_thresh", float))}
+    fields = {"K": num["high_res_K"] or num["twig_K"] or 0, "T": num["high_res_T"] or num["twig_T"] or 0,
+              "position_mode": "aligned" if raw.get("reuse_src_pos", False) else "sequential"}
+    for key, field in (("high_res_thresh", "gate_threshold"), ("roi_conf_thresh", "roi_threshold")):
+        if num[key] is not None:
+            fields[field] = num[key]
+            try:
+                ZoomConfig.model_validate({field: num[key]})
+            except ValidationError as err:
+                raise QZoomError(f"{file}: {key}={num[key]!r} is not a valid {field}: "
+                                 f"{validation_message(err)}") from None
+    return fields
 
 
 def _prefixed(tensors: dict, prefix: str) -> dict:

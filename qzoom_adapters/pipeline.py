@@ -6,6 +6,9 @@ zoomed rows of a batch in one decode loop).
 """
 from __future__ import annotations
 
+import numbers
+import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -13,13 +16,14 @@ import torch
 from torch import nn
 
 from qzoom_adapters.backbones import _compat
-from .config import ZoomConfig
+from .config import ZoomConfig, as_zoom_config
 from .decode import Decoder, DecodeRows, eos_ids
 from .errors import QZoomError
 from .gate import DynamicGate
+from .images import source_images
 from .outputs import ZoomOutput
 from .positions import roi_sequence
-from .roi import Crop, box_to_pixels, check_source_image, clip_box_to_grid, roi_from_heatmap
+from .roi import Crop, box_to_pixels, check_grid_aspect, check_source_image, clip_box_to_grid, roi_from_heatmap
 from .spec import get_spec
 from .timing import stage
 from .trunk import Prefill, Trunk
@@ -27,6 +31,26 @@ from .twig import TwigRPN
 
 
 CROP_WORKERS = 8  # host threads preparing a batch's crops
+
+# One lock per backbone: a call registers hooks on the model's layers and keeps decode buffers, so two
+# calls on the same model (through one QZoom or several) must not overlap. Weak keys: no model is kept alive.
+_MODEL_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_LOCKS_LOCK = threading.Lock()
+
+
+def _model_lock(model: nn.Module) -> threading.RLock:
+    with _LOCKS_LOCK:
+        lock = _MODEL_LOCKS.get(model)
+        if lock is None:
+            lock = _MODEL_LOCKS[model] = threading.RLock()
+        return lock
+
+
+def _check_max_new_tokens(n) -> None:
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise QZoomError(f"max_new_tokens must be a positive integer, got {n!r} ({type(n).__name__})")
+    if n < 1:
+        raise QZoomError(f"max_new_tokens must be at least 1, got {n}")
 
 
 @dataclass
@@ -76,8 +100,23 @@ class QZoom:
                 branch.check_backbone(self.spec)
         if twig is not None and gate is not None and twig.K != gate.K:
             raise QZoomError(f"twig (K={twig.K}) and gate (K={gate.K}) must branch at the same layer")
+        self._check_processor()
         self.config = config or ZoomConfig()
         self.decoder = Decoder(self.spec, self.trunk)
+        self._lock = _model_lock(model)
+
+    def _check_processor(self) -> None:
+        """A processor of another family writes another image placeholder token than the model reads."""
+        token, tok = getattr(self.processor, "image_token", None), self.tokenizer
+        if not isinstance(token, str) or tok is None or not hasattr(tok, "convert_tokens_to_ids"):
+            return
+        token_id = tok.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != self.spec.image_token_id:
+            raise QZoomError(
+                f"the processor ({type(self.processor).__name__}) marks images with {token!r} = id {token_id}, but "
+                f"this {self.spec.family} model expects image token id {self.spec.image_token_id}: the processor "
+                "belongs to another model; load the processor saved with this model"
+            )
 
     @property
     def K(self) -> int:
@@ -91,10 +130,16 @@ class QZoom:
         return self._config
 
     @config.setter
-    def config(self, config: ZoomConfig) -> None:
-        """Set the config; an unset `position_mode` becomes the backbone's default (aligned for M-RoPE)."""
+    def config(self, config: ZoomConfig | dict) -> None:
+        """Set the config (a `ZoomConfig` or a dict of its fields, validated either way); an unset
+        `position_mode` becomes the backbone's default (aligned for M-RoPE)."""
+        config = as_zoom_config(config)
         if config.position_mode is None:
             config = config.model_copy(update={"position_mode": self.spec.default_position_mode})
+        check = getattr(self.spec, "check_crop_budget", None)
+        budget = config.crop_min_pixels or config.crop_max_pixels
+        if check is not None and self.image_processor is not None and budget:
+            check(self.image_processor, config.crop_min_pixels, config.crop_max_pixels)
         self._config = config
 
     @property
@@ -107,22 +152,55 @@ class QZoom:
 
     # --- public entry points ------------------------------------------------------------
     def generate(self, images: list, questions: list[str], max_new_tokens: int = 32, return_trace: bool = False):
-        """Answer `questions` about PIL `images` (chat template applied by the processor)."""
+        """Answer `questions` about `images` (chat template applied by the processor).
+
+        Args:
+            images: one source image per sample: a PIL image, or the path of an image file (opened here).
+                Arrays and None are refused; 16-bit grayscale is scaled to 8 bits and transparency goes on
+                white (see `qzoom_adapters.images`).
+            questions: one string per sample.
+            max_new_tokens: a positive integer.
+
+        Thread safety: calls on the same model are serialized by a per-model lock (hooks and decode buffers
+        live on the model), so one `QZoom` may be shared between threads; the calls then run one after the
+        other, not in parallel.
+        """
+        _check_max_new_tokens(max_new_tokens)
         if self.processor is None:
             raise QZoomError("generate() needs a processor; use generate_from_inputs() with processed inputs")
+        images = source_images(images)
+        if isinstance(questions, str):
+            raise QZoomError("questions must be a list with one string per sample, e.g. [question]")
+        questions = list(questions)
         if len(images) != len(questions):
             raise QZoomError(f"got {len(images)} images for {len(questions)} questions")
-        inputs = self.spec.chat_inputs(self.processor, list(images), list(questions))
-        return self.generate_from_inputs(inputs, images, max_new_tokens=max_new_tokens, return_trace=return_trace)
+        if not images:
+            raise QZoomError("empty batch: pass at least one image and one question")
+        if not all(isinstance(q, str) for q in questions):
+            raise QZoomError("every question must be a string")
+        with self._lock:
+            inputs = self.spec.chat_inputs(self.processor, images, questions)
+            return self.generate_from_inputs(inputs, images, max_new_tokens=max_new_tokens, return_trace=return_trace)
 
-    @torch.no_grad()
     def generate_from_inputs(self, inputs, images: list, max_new_tokens: int = 32, return_trace: bool = False,
                              force_zoom: list[bool] | None = None):
-        """Gated greedy answers for processed, left-padded `inputs`; `images` are the source PIL images.
+        """Gated greedy answers for processed, left-padded `inputs`; `images` are the source images
+        (PIL images or paths, as for `generate`), the full-resolution originals `inputs` were made from.
 
         `force_zoom`: per-sample decisions that replace the gate's (the gate still runs and reports its
-        probability); for benchmarks and ablations.
+        probability); for benchmarks and ablations. Serialized per model like `generate`.
         """
+        _check_max_new_tokens(max_new_tokens)
+        if not hasattr(inputs, "get") or inputs.get("input_ids") is None:
+            raise QZoomError("inputs need `input_ids` (the processor's output for the batch)")
+        if inputs["input_ids"].shape[0] == 0:
+            raise QZoomError("empty batch: inputs hold no samples")
+        images = source_images(images)
+        with self._lock:
+            return self._generate(inputs, images, max_new_tokens, return_trace, force_zoom)
+
+    @torch.no_grad()
+    def _generate(self, inputs, images: list, max_new_tokens: int, return_trace: bool, force_zoom):
         cfg = self.config
         a = self._pass_a(inputs, images)
         B = a.ids.shape[0]
@@ -147,7 +225,16 @@ class QZoom:
             raise QZoomError(f"got {len(images)} source images for a batch of {inputs['input_ids'].shape[0]}")
         for image in images:
             check_source_image(image, self.config.min_crop_px)
+        self._check_grids(inputs, images)
         return self.trunk.prefill(inputs, self.K, _compat.new_cache())
+
+    def _check_grids(self, inputs, images) -> None:
+        """Each image grid must have its source image's aspect ratio (within rounding) where the spec says so."""
+        if not getattr(self.spec, "grid_keeps_aspect", False):
+            return
+        self.spec.validate_inputs(inputs)
+        for i, (row, image) in enumerate(zip(self.spec.image_grids(inputs), images)):
+            check_grid_aspect(self.spec.token_grid(row), self.spec.source_window(self.image_processor, image.size), i)
 
     # --- gate ----------------------------------------------------------------------------
     def _gate(self, a: Prefill) -> torch.Tensor | None:
@@ -348,10 +435,10 @@ class QZoom:
                    config=_merge_config({**ZoomConfig().model_dump(), **fields}, config, overrides))
 
 
-def _merge_config(base: dict, config: ZoomConfig | None, overrides: dict) -> ZoomConfig:
+def _merge_config(base: dict, config: ZoomConfig | dict | None, overrides: dict) -> ZoomConfig:
     if config is not None:
-        base = config.model_dump()
+        base = as_zoom_config(config).model_dump()
     unknown = set(overrides) - set(ZoomConfig.model_fields)
     if unknown:
         raise QZoomError(f"unknown ZoomConfig fields {sorted(unknown)}; valid: {sorted(ZoomConfig.model_fields)}")
-    return ZoomConfig(**{**base, **overrides})
+    return as_zoom_config({**base, **overrides})

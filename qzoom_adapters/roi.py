@@ -95,10 +95,29 @@ def _check_size(W: int, H: int, min_side: int) -> None:
         raise QZoomError(f"source image is {W}x{H} px; Q-Zoom needs at least {min_side} px per side (min_crop_px)")
 
 
+def check_grid_aspect(grid_hw, window, index: int = 0) -> None:
+    """The token grid (h_t, w_t) must span `window` (x0, y0, x1, y1) at one scale, within a token of rounding
+    per side (how aspect-keeping resizers such as Qwen-VL's `smart_resize` round); else the grid belongs to
+    another image (or has h and w swapped) and every box would land in the wrong place."""
+    h_t, w_t = (int(x) for x in grid_hw)
+    x0, y0, x1, y1 = window
+    W, H = float(x1 - x0), float(y1 - y0)
+    # the tokens-per-pixel scales each side allows; they must overlap
+    lo = max((w_t - 1) / W, (h_t - 1) / H)
+    hi = min((w_t + 1) / W, (h_t + 1) / H)
+    if lo > hi:
+        raise QZoomError(
+            f"sample {index}: the image grid is {w_t}x{h_t} tokens (w x h) but the source image is {W:.0f}x{H:.0f} px, "
+            "another aspect ratio: the grid has h and w swapped or the inputs were made from another image; pass "
+            "the source image the inputs were processed from"
+        )
+
+
 def clip_box_to_grid(box_tok, grid_hw):
     h_t, w_t = grid_hw
     x1, y1, x2, y2 = box_tok
     return max(0, x1), max(0, y1), min(w_t, x2), min(h_t, y2)
 
 
-__all__ = ["Crop", "gaussian_blur", "token_box", "box_to_pixels", "roi_from_heatmap", "check_source_image", "clip_box_to_grid"]
+__all__ = ["Crop", "gaussian_blur", "token_box", "box_to_pixels", "roi_from_heatmap", "check_source_image",
+           "check_grid_aspect", "clip_box_to_grid"]

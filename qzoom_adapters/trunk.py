@@ -72,6 +72,10 @@ class Trunk:
         """Validate processed, left-padded `inputs`, encode the images and run layers `0..stop-1`."""
         spec = self.spec
         spec.validate_inputs(inputs)
+        pixel_values = inputs["pixel_values"]
+        if pixel_values.is_floating_point() and not bool(torch.isfinite(pixel_values).all()):
+            raise QZoomError("pixel_values hold NaN or inf values; re-run the processor on the images "
+                             "(an upstream normalisation or dtype overflow?)")
         ids = inputs["input_ids"]
         mask = inputs.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask
