@@ -13,47 +13,136 @@ def _demo(args) -> int:
 
     if args.samples < 1 or args.budget < 1:
         raise QZoomError(f"--samples and --budget must be at least 1, got {args.samples} and {args.budget}")
+    out, files = _demo_out(Path(args.out), args.samples, args.overwrite)
     path = Path(args.model or DEFAULT_DIR)
     t0 = time.perf_counter()
     zoom, spec, processor = load_default(path)
     print(f"qzoom demo: ZoomWorld default from {path} (loaded in {time.perf_counter() - t0:.1f}s), "
           f"{args.samples} test-split questions at {args.budget} visual tokens")
-    run_demo(zoom, spec, processor, demo_samples(args.samples, start=args.seed), args.budget, Path(args.out),
+    run_demo(zoom, spec, processor, demo_samples(args.samples, start=args.seed), args.budget, out,
              max_new_tokens=args.max_new_tokens)
+    _mark_demo_out(out, files)
     return 0
 
 
-def _infer(args) -> int:
+_DEMO_MARKER = ".qzoom-demo.json"  # the files a demo wrote into its --out folder (it may write over those)
+
+
+def _demo_out(out: Path, samples: int, overwrite: bool) -> tuple[Path, list[str]]:
+    """Check `qzoom demo --out` before loading anything: a folder, and no file the demo would write over that is
+    not an earlier demo's output (unless --overwrite). Returns the folder and the names the demo writes."""
     import json
 
+    from qzoom_adapters.errors import QZoomError
+
+    if out.exists() and not out.is_dir():
+        raise QZoomError(f"--out {out} is a file; the demo writes a folder (sample_*.png, summary.json): give a "
+                         "folder path")
+    files = [f"sample_{i}.png" for i in range(samples)] + ["summary.json"]
+    ours: set = set()
+    try:
+        ours = set(json.loads((out / _DEMO_MARKER).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    clash = [f for f in files if (out / f).exists() and f not in ours]
+    if clash and not overwrite:
+        raise QZoomError(f"{out} already holds {', '.join(clash[:3])}{' ...' if len(clash) > 3 else ''}, not "
+                         "written by a demo; choose another --out or pass --overwrite")
+    return out, files
+
+
+def _mark_demo_out(out: Path, files: list[str]) -> None:
+    import json
+
+    marker = out / _DEMO_MARKER
+    try:
+        known = set(json.loads(marker.read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        known = set()
+    marker.write_text(json.dumps({"files": sorted(known | set(files))}) + "\n")
+
+
+def _heatmap_target(path: str, image: Path, overwrite: bool) -> Path:
+    """Where `--heatmap` writes, checked before the run: an existing folder, an image extension PIL can
+    write, and no existing file unless `--overwrite` (never the input image)."""
     from PIL import Image
+
+    from qzoom_adapters.errors import QZoomError
+
+    out = Path(path)
+    if out.is_dir():
+        raise QZoomError(f"--heatmap {out} is a folder; give a file name such as {out / 'heatmap.png'}")
+    if not out.parent.is_dir():
+        raise QZoomError(f"--heatmap {out}: the folder {out.parent} does not exist; create it first")
+    fmt = Image.registered_extensions().get(out.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise QZoomError(f"--heatmap {out}: {out.suffix or 'no extension'} is not an image format PIL can write; "
+                         "use .png or .jpg")
+    if out.exists():
+        if out.resolve() == image.resolve() or out.samefile(image):
+            raise QZoomError(f"--heatmap {out} is the input image; write the heatmap to another file")
+        if not overwrite:
+            raise QZoomError(f"--heatmap {out} exists; pass --overwrite to replace it, or choose another name")
+    return out
+
+
+def _load_processor(folder):
     from transformers import AutoProcessor
 
     import qzoom_adapters.backbones.tiny_processor  # noqa: F401  (lets AutoProcessor load processors saved by the demo/tests)
+    from qzoom_adapters.errors import QZoomError
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise QZoomError(f"processor folder {path} does not exist" if not path.exists() else
+                         f"processor folder {path} is not a folder")
+    try:
+        return AutoProcessor.from_pretrained(str(path))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise QZoomError(f"cannot load a processor from {path} ({first}); pass --processor with the folder the "
+                         "processor was saved to") from None
+
+
+def _infer(args) -> int:
     import qzoom_adapters as qz
-    from qzoom_adapters.spec import spec_class_for
+    from qzoom_adapters.config import as_zoom_config
+    from qzoom_adapters.errors import QZoomError
+    from qzoom_adapters.images import load_image
+    from qzoom_adapters.io import check_model_folder, load_model
     from qzoom_adapters.viz import heatmap_overlay
 
+    # every argument is checked before the (slow) model load
+    if args.reference and (args.model or args.adapters):
+        raise QZoomError("give either --reference or --model with --adapters, not both")
+    if not args.reference and not (args.model and args.adapters):
+        raise QZoomError("give --model and --adapters, or --reference")
+    if args.max_new_tokens < 1:
+        raise QZoomError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     overrides = {k: v for k, v in (("gate_threshold", args.gate_threshold), ("roi_threshold", args.roi_threshold),
                                    ("position_mode", args.position_mode)) if v is not None}
-    proc_dir = args.processor or args.model or args.reference
-    processor = AutoProcessor.from_pretrained(proc_dir)
+    as_zoom_config(overrides)  # a bad threshold fails here, in one line
+    image = load_image(args.image)
+    heatmap = _heatmap_target(args.heatmap, Path(args.image), args.overwrite) if args.heatmap else None
+    if args.reference:
+        check_model_folder(args.reference, "checkpoint folder")
+    else:
+        check_model_folder(args.model)
+        if not Path(args.adapters).is_dir():
+            raise QZoomError(f"adapter folder {args.adapters} does not exist" if not Path(args.adapters).exists()
+                             else f"adapter folder {args.adapters} is not a folder")
+    processor = _load_processor(args.processor or args.model or args.reference)
     if args.reference:
         zoom = qz.QZoom.from_reference_checkpoint(args.reference, processor, **overrides)
     else:
-        if not (args.model and args.adapters):
-            raise SystemExit("qzoom infer: give --model and --adapters, or --reference")
-        model_type = json.loads((Path(args.model) / "config.json").read_text())["model_type"]
-        model = spec_class_for(model_type).model_class().from_pretrained(args.model).eval()
-        zoom = qz.QZoom.from_pretrained(args.adapters, model, processor, **overrides)
-    image = Image.open(args.image).convert("RGB")
+        zoom = qz.QZoom.from_pretrained(args.adapters, load_model(args.model), processor, **overrides)
     out = zoom.generate([image], [args.question], max_new_tokens=args.max_new_tokens)[0]
     gate = "n/a" if out.gate_prob is None else f"{out.gate_prob:.3f}"
     print(f"gate={gate} zoomed={out.zoomed} box={out.bbox} visual_tokens={out.visual_tokens}")
     print(out.text)
-    if args.heatmap:
-        heatmap_overlay(image, out.heatmap, out.bbox).save(args.heatmap)
-        print(f"heatmap -> {args.heatmap}")
+    if heatmap is not None:
+        heatmap_overlay(image, out.heatmap, out.bbox).save(heatmap)
+        print(f"heatmap -> {heatmap}")
     return 0
 
 
@@ -109,7 +198,7 @@ def _report(result: dict) -> int:
 def _tiny(args) -> int:
     from .tiny import write_tiny_setup
 
-    out = write_tiny_setup(args.out, args.family, args.samples, args.seed)
+    out = write_tiny_setup(args.out, args.family, args.samples, args.seed, overwrite=args.overwrite)
     print(f"tiny {args.family} setup in {out}/: model/, images/, records.jsonl, recipe.yaml")
     print(f"next: qzoom labels stage1 --config {out}/recipe.yaml")
     return 0
@@ -171,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="qzoom-demo", help="folder for the per-sample PNGs and summary.json")
     d.add_argument("--seed", type=int, default=0, help="first test-split scene (TEST_SEED + seed)")
     d.add_argument("--max-new-tokens", type=int, default=8)
+    d.add_argument("--overwrite", action="store_true",
+                   help="write over sample_*.png / summary.json in --out that an earlier demo did not write")
     d.set_defaults(func=_demo)
     i = sub.add_parser("infer", help="answer one question about one image",
                        description="Example: qzoom infer --adapters ADAPTERS --model MODEL --image img.png "
@@ -181,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--processor", help="processor folder (default: the model folder)")
     i.add_argument("--image", required=True)
     i.add_argument("--question", required=True)
-    i.add_argument("--heatmap", help="write the image with heatmap and box to this PNG")
+    i.add_argument("--heatmap", help="write the image with heatmap and box to this PNG (its folder must exist)")
+    i.add_argument("--overwrite", action="store_true", help="let --heatmap replace an existing file (never the "
+                                                             "input image)")
     i.add_argument("--gate-threshold", type=float)
     i.add_argument("--roi-threshold", type=float)
     i.add_argument("--position-mode", choices=["aligned", "sequential"])
@@ -194,6 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--family", default="qwen2_5_vl", help="qwen2_5_vl | qwen2_vl | qwen3_vl | llava")
     t.add_argument("--samples", type=int, default=8)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty --out, replacing its model/, images/, records.jsonl and recipe.yaml")
     t.set_defaults(func=_tiny)
 
     lab = sub.add_parser("labels", help="build training data: stage-1 attention labels or stage-3 budget answers")

@@ -6,7 +6,7 @@ command line overrides any field (the value is parsed as YAML).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -29,21 +29,35 @@ class ModelSection(_Section):
 class TrainSection(_Section):
     """Optimisation (SPEC §4.2 defaults) and run bookkeeping."""
 
-    lr: float = 1e-4
-    weight_decay: float = 0.0
+    lr: float = Field(1e-4, ge=0, allow_inf_nan=False, description="peak learning rate (0: weights stay as they are)")
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
     betas: tuple[float, float] = (0.9, 0.999)
-    warmup_ratio: float = 0.03
+    warmup_ratio: float = Field(0.03, ge=0, le=1, allow_inf_nan=False)
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1, description="optimizer steps; None = epochs over the data")
     batch_size: int = Field(8, ge=1, description="per process")
     effective_batch: int = Field(128, ge=1, description="batch_size x processes x accumulation")
-    grad_clip: float = 1.0
+    grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 = no clipping")
     seed: int = 0
     save_every: int = Field(50, ge=1, description="optimizer steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1)
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on CUDA, none on CPU
-    num_workers: int = 0
+    num_workers: int = Field(0, ge=0)
     log_every: int = Field(1, ge=1)
+
+    # bookkeeping: a resumed run may change these; every other field shapes the run and must match
+    BOOKKEEPING: ClassVar[frozenset] = frozenset({"save_every", "keep_checkpoints", "num_workers", "log_every"})
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v):
+        if not all(0.0 <= b < 1.0 for b in v):
+            raise ValueError(f"AdamW betas must lie in [0, 1), got {list(v)}")
+        return v
+
+    def run_settings(self) -> dict:
+        """The fields that shape the run (what a resume must not change), JSON-ready."""
+        return self.model_dump(mode="json", exclude=set(self.BOOKKEEPING))
 
 
 class LabelsStage1Section(_Section):
@@ -140,8 +154,9 @@ class LabelsStage3Section(_Section):
     @field_validator("budgets")
     @classmethod
     def _increasing(cls, v):
-        if len(v) < 3 or sorted(set(v)) != list(v):
-            raise ValueError("budgets must be at least 3 strictly increasing visual-token counts")
+        if len(v) < 3 or sorted(set(v)) != list(v) or v[0] < 1:
+            raise ValueError(f"budgets must be at least 3 strictly increasing visual-token counts, each at least 1 "
+                             f"(got {list(v)}); e.g. [64, 128, 256, 576, 1024]")
         return v
 
 
@@ -173,6 +188,17 @@ class RecipeConfig(_Section):
         if sec is None:
             raise QZoomError(f"the config has no `{name}:` section")
         return sec
+
+    def run_settings(self, name: str) -> dict:
+        """What shapes the training run of section `name` besides its `train:` settings (the Trainer adds those):
+        model, K, T and the section's fields but `out`.
+
+        Stored with the run's checkpoints; a resume with other values is refused (see `Trainer`).
+        """
+        sec = self.section(name)
+        settings = {"stage": name, "model": self.model.model_dump(mode="json"), "K": self.K, "T": self.T}
+        settings.update({f"{name}.{k}": v for k, v in sec.model_dump(mode="json", exclude={"out", "train"}).items()})
+        return settings
 
 
 _PATH_FIELDS = {"path", "records", "out", "labels", "init_adapters", "adapters", "judge_model", "data", "answers",
@@ -211,9 +237,14 @@ def load_config(path, overrides: list[str] = ()) -> RecipeConfig:
     if not path.is_file():
         raise QZoomError(f"no config file at {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise QZoomError(f"{path} is not UTF-8 text ({err.reason}); save the config as UTF-8") from err
     except yaml.YAMLError as err:
         raise QZoomError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise QZoomError(f"{path}: the top level must be a mapping of sections (model:, K:, stage1:, ...), "
+                         f"not a {type(data).__name__}")
     for item in overrides:
         _apply_override(data, item)
     data = _resolve_paths(data, path.parent.resolve())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Iterable, Literal
 
@@ -32,17 +33,27 @@ class SampleRecord(BaseModel):
     box: tuple[int, int, int, int] | None = None
 
 
+def _jsonl_lines(path):
+    """(line number, row) of a JSONL file's non-blank lines; a broken line is an error naming the file and line."""
+    out = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = list(f)
+    except UnicodeDecodeError as err:
+        raise QZoomError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8 JSONL, "
+                         "one JSON object per line") from err
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                out.append((n, json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise QZoomError(f"{path}:{n}: not valid JSON ({err.msg}); one JSON object per line") from err
+    return out
+
+
 def read_jsonl(path) -> list[dict]:
     """Rows of a JSONL file; a broken line is an error naming the file and line."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise QZoomError(f"{path}:{n}: not valid JSON ({err.msg}); one JSON object per line") from err
-    return rows
+    return [row for _, row in _jsonl_lines(path)]
 
 
 def read_records(path) -> list[SampleRecord]:
@@ -50,18 +61,26 @@ def read_records(path) -> list[SampleRecord]:
     path = Path(path)
     if not path.is_file():
         raise QZoomError(f"no records file at {path}")
-    records, seen = [], set()
-    for n, row in enumerate(read_jsonl(path), 1):
+    records, seen = [], {}
+    for n, row in _jsonl_lines(path):
+        if not isinstance(row, dict):
+            raise QZoomError(f"{path}:{n}: a record must be a JSON object with id, image, question, "
+                             f"got a {type(row).__name__}")
         try:
             rec = SampleRecord(**row)
         except ValidationError as err:
-            raise QZoomError(f"{path}: record {n} is not a sample record: {err.errors()[0]['msg']} "
-                             f"at {err.errors()[0]['loc']}") from err
+            first = err.errors()[0]
+            where = ".".join(str(x) for x in first["loc"])
+            raise QZoomError(f"{path}:{n}: not a sample record: {where}: {first['msg']} (fields: id, image, "
+                             "question, answers, mode, dataset, box)") from err
         if rec.id in seen:
-            raise QZoomError(f"{path}: sample id {rec.id!r} appears twice; ids must be unique")
-        seen.add(rec.id)
+            raise QZoomError(f"{path}:{n}: sample id {rec.id!r} already appears on line {seen[rec.id]}; ids must "
+                             "be unique")
+        seen[rec.id] = n
         rec.image = str((path.parent / rec.image).resolve()) if not os.path.isabs(rec.image) else rec.image
         records.append(rec)
+    if not records:
+        raise QZoomError(f"{path} holds no records; write one JSON object per line (id, image, question, ...)")
     return records
 
 
@@ -94,7 +113,33 @@ class JsonlAppender:
     def __init__(self, path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.done = {row["id"] for row in read_jsonl(self.path)} if self.path.exists() else set()
+        if self.path.exists():
+            self._drop_torn_tail()
+        self.done = set()
+        for n, row in (_jsonl_lines(self.path) if self.path.exists() else []):
+            if not isinstance(row, dict) or "id" not in row:
+                raise QZoomError(f"{self.path}:{n}: a row without an `id`: this file was not written by this job; "
+                                 "choose another `out`")
+            self.done.add(row["id"])
+
+    def _drop_torn_tail(self) -> None:
+        """A kill while appending leaves a last line without its newline: cut it off (with a warning), so the
+        file reads and the next row starts on a line of its own."""
+        data = self.path.read_bytes()
+        if not data or data.endswith(b"\n"):
+            return
+        cut = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[cut:])
+            with open(self.path, "ab") as f:  # a whole row that only lacks its newline: keep it
+                f.write(b"\n")
+            return
+        except ValueError:
+            pass
+        warnings.warn(f"{self.path}: dropped a torn last line ({len(data) - cut} bytes; its row is redone)",
+                      stacklevel=3)
+        with open(self.path, "r+b") as f:
+            f.truncate(cut)
 
     def append(self, rows: list[dict]) -> None:
         with open(self.path, "a", encoding="utf-8") as f:

@@ -19,7 +19,7 @@ from qzoom_adapters.twig import TwigRPN
 from .config import LabelsStage1Section, RecipeConfig
 from .data import fixed_grid_view, load_image, read_records
 from .judge import RuleJudge
-from .label_store import LabelStore, LabelWriter
+from .label_store import LabelStore, LabelWriter, changed_records, record_digest, refuse_changed, weights_fingerprint
 from .models import batch_to, freeze, load_backbone
 from .progress import progress
 from .teacher import Teacher
@@ -43,8 +43,10 @@ def _pairs_for(sec: LabelsStage1Section, mode: str):
 
 
 def _label_settings(cfg: RecipeConfig, spec) -> dict:
+    """What the maps depend on (records aside: each has its digest): the teacher, its weights, the view, the heads."""
     sec = cfg.labels_stage1
-    return {"model": cfg.model.path, "family": spec.family, "grid": sec.grid, "max_new_tokens": sec.max_new_tokens,
+    return {"model": cfg.model.path, "weights": weights_fingerprint(cfg.model.path), "family": spec.family,
+            "dtype": cfg.model.dtype, "grid": sec.grid, "max_new_tokens": sec.max_new_tokens,
             "textual_pairs": sec.textual_pairs, "natural_pairs": sec.natural_pairs,
             "textual_sink_pairs": sec.textual_sink_pairs, "natural_sink_pairs": sec.natural_sink_pairs,
             "answer_suffix": sec.answer_suffix, "grounding_prompt": sec.grounding_prompt}
@@ -70,7 +72,10 @@ def make_stage1_labels(cfg: RecipeConfig, show_progress: bool = True) -> dict:
     layers = sorted({l for p in (sec.textual_pairs, sec.natural_pairs, sec.textual_sink_pairs,
                                  sec.natural_sink_pairs) for l in p})
     writer = LabelWriter(sec.out, _label_settings(cfg, spec), sec.shard_size)
-    todo = [r for r in read_records(sec.records) if r.id not in writer.done]
+    records = read_records(sec.records)
+    digests = {r.id: record_digest(r) for r in records}
+    writer.check_records(digests)  # a record changed under the same id must not mix old and new maps
+    todo = [r for r in records if r.id not in writer.done]
     loader = torch.utils.data.DataLoader(todo, batch_size=sec.batch_size, collate_fn=_LabelBatches(teacher, sec),
                                          num_workers=sec.num_workers)
     t0, n, gpu_s = time.perf_counter(), 0, 0.0
@@ -83,7 +88,7 @@ def make_stage1_labels(cfg: RecipeConfig, show_progress: bool = True) -> dict:
             A = out.map(b, pairs, sec.grid)
             writer.add(rec.id, A, out.map(b, sink_pairs, sec.grid) if sink_pairs else torch.zeros_like(A),
                        {"image_size": list(sizes[b]), "mode": rec.mode, "response": out.responses[b],
-                        "steps": int(out.row_mask[b].sum())})
+                        "steps": int(out.row_mask[b].sum())}, digests[rec.id])
         gpu_s += time.perf_counter() - t1
         n += len(batch)
         bar.update(len(batch))
@@ -189,6 +194,8 @@ def train_stage1(cfg: RecipeConfig, stop_after: int | None = None) -> dict:
     freeze(model)
     store = LabelStore(sec.labels)
     records = read_records(sec.records or cfg.section("labels_stage1").records)
+    refuse_changed(store.folder, changed_records(store.manifest, {r.id: record_digest(r) for r in records
+                                                                  if r.id in store}))
     dataset = Stage1Dataset(records, store, spec, sec.rules)
     twig = build_twig(model, cfg, sec.init_adapters).to(model.device)
     objective = TwigObjective(model, twig)
@@ -197,4 +204,4 @@ def train_stage1(cfg: RecipeConfig, stop_after: int | None = None) -> dict:
         save_zoom(model, processor, out, twig=module.twig.to(model.dtype))
 
     return Trainer(objective, dataset, Stage1Collate(spec, processor), sec.train, sec.out, save,
-                   stop_after=stop_after, find_unused_parameters=True).train()
+                   stop_after=stop_after, find_unused_parameters=True, settings=cfg.run_settings("stage1")).train()

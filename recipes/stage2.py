@@ -288,4 +288,4 @@ def train_stage2(cfg: RecipeConfig, stop_after: int | None = None) -> dict:
         save_zoom(final, processor, out, twig=twig, **zoom_cfg.model_dump())
 
     return Trainer(objective, dataset, Stage2Collate(spec, processor, eos), sec.train, sec.out, save,
-                   stop_after=stop_after).train()
+                   stop_after=stop_after, settings=cfg.run_settings("stage2")).train()

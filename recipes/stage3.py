@@ -142,4 +142,4 @@ def train_stage3(cfg: RecipeConfig, stop_after: int | None = None) -> dict:
         (out / "gate_pool.json").write_text(json.dumps(stats, indent=2))
 
     return Trainer(objective, dataset, GateCollate(spec, processor), sec.train, sec.out, save,
-                   on_epoch=dataset.set_epoch, stop_after=stop_after).train()
+                   on_epoch=dataset.set_epoch, stop_after=stop_after, settings=cfg.run_settings("stage3")).train()

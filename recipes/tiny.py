@@ -15,11 +15,21 @@ from .synthetic import demo_scenes
 TINY_PAIRS = {"textual_pairs": {4: [0, 1], 5: [2]}, "natural_pairs": {4: [1, 3]}, "natural_sink_pairs": {2: [0]}}
 
 
-def write_tiny_setup(out, family: str = "qwen2_5_vl", samples: int = 8, seed: int = 0) -> Path:
-    """Write `model/` (HF model + processor), `images/`, `records.jsonl` and `recipe.yaml` under `out`."""
+def write_tiny_setup(out, family: str = "qwen2_5_vl", samples: int = 8, seed: int = 0,
+                     overwrite: bool = False) -> Path:
+    """Write `model/` (HF model + processor), `images/`, `records.jsonl` and `recipe.yaml` under `out`.
+
+    `out` must be new or empty; `overwrite=True` writes over the files of those names (nothing else is touched).
+    """
     out = Path(out)
-    if (out / "recipe.yaml").exists():
-        raise QZoomError(f"{out} already holds a tiny setup; choose another folder")
+    if out.exists() and not out.is_dir():
+        raise QZoomError(f"{out} is a file; choose a new folder for the tiny setup")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        what = "a tiny setup" if (out / "recipe.yaml").exists() else "files"
+        raise QZoomError(f"{out} already holds {what}; choose a new or empty folder, or pass --overwrite to "
+                         "replace its model/, images/, records.jsonl and recipe.yaml")
+    if samples < 1:
+        raise QZoomError(f"samples must be at least 1, got {samples}")
     families = registered_families()
     if family not in families or not hasattr(families[family], "tiny_config"):
         raise QZoomError(f"no tiny model for family {family!r}; choose one of "

@@ -5,14 +5,21 @@ parameters are the only ones with `requires_grad`, a dataset and a collate funct
 owns what every stage needs the same way: a deterministic, resumable data order, gradient
 accumulation to the effective batch, AdamW + cosine schedule with linear warm-up, clipping,
 checkpoints (a killed run resumes from the last one with nothing lost), CSV/JSONL loss logs.
+
+A run folder is marked by `qzoom_run.json`: the settings that shape the run (a resume with other
+ones is refused, naming them) and the checkpoints the run wrote (the only ones it resumes from
+or rotates away). A non-empty folder without that marker is never trained into.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
+import os
 import shutil
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -25,6 +32,38 @@ from .config import TrainSection
 from .progress import progress
 
 DONE_NAME = "training_complete.json"
+RUN_NAME = "qzoom_run.json"  # marks a run folder: its settings and the checkpoints it wrote
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to a temporary file beside `path`, then rename it over `path`: a crash keeps the old file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _short(value, limit: int = 60) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def settings_diff(old: dict, new: dict) -> list[str]:
+    """`key: old -> new` for every key whose value differs (a missing key reads as absent)."""
+    missing = object()
+
+    def show(v):
+        return "(absent)" if v is missing else _short(v)
+
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, missing), new.get(key, missing)
+        if a != b:
+            out.append(f"{key}: {show(a)} -> {show(b)}")
+    return out
 
 
 def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int) -> list[int]:
@@ -50,9 +89,14 @@ class Trainer:
 
     def __init__(self, module: nn.Module, dataset, collate, cfg: TrainSection, out_dir, save_outputs,
                  on_epoch=None, stop_after: int | None = None, find_unused_parameters: bool = False,
-                 max_seconds: float | None = None):
+                 max_seconds: float | None = None, settings: dict | None = None):
         self.module, self.dataset, self.collate, self.cfg = module, dataset, collate, cfg
         self.out = Path(out_dir)
+        # what shapes the run besides the optimisation settings (model, K, data, ...): a resume must match it
+        self.settings = json.loads(json.dumps({**(settings or {}), "samples": len(dataset),
+                                               **{f"train.{k}": v for k, v in cfg.run_settings().items()}},
+                                              default=str))
+        self.run: dict = {}
         self.save_outputs = save_outputs
         self.on_epoch = on_epoch  # e.g. dataset.set_epoch for per-epoch random draws
         self.stop_after = stop_after  # stop (as if killed) after this optimizer step's checkpoint
@@ -88,15 +132,57 @@ class Trainer:
         total = cfg.max_steps or steps_per_epoch * cfg.epochs
         return accum, micro_per_epoch, steps_per_epoch, total
 
-    def _check_out_dir(self):
+    def _check_out_dir(self) -> dict | None:
+        """The run recorded in `out` to resume (None: a fresh run); refuses a finished run, a run with other
+        settings, and a non-empty folder that is not a run of ours. Reads only (every process runs it)."""
         if (self.out / DONE_NAME).exists():
             raise QZoomError(f"{self.out} already holds a finished run ({DONE_NAME}); choose another `out` or move "
                              "it away (nothing is overwritten)")
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.out.exists() and not self.out.is_dir():
+            raise QZoomError(f"`out` {self.out} is a file, not a folder; choose another `out`")
+        marker = self.out / RUN_NAME
+        if marker.is_file():
+            try:
+                run = json.loads(marker.read_text(encoding="utf-8"))
+                old, names = run["settings"], run["checkpoints"]
+                if not isinstance(old, dict) or not isinstance(names, list):
+                    raise TypeError
+            except (ValueError, KeyError, TypeError) as err:
+                raise QZoomError(f"{marker} is corrupt ({type(err).__name__}); start a new run with another `out` "
+                                 "(the folder is left as it is)") from err
+            diff = settings_diff(old, self.settings)
+            if diff:
+                raise QZoomError(f"{self.out} holds a run with other settings ({'; '.join(diff)}); resume it with "
+                                 "its settings, or give a new `out` for a new run")
+            return run
+        if self.out.is_dir() and any(self.out.iterdir()):
+            found = sorted(p.name for p in self.out.iterdir())
+            raise QZoomError(f"{self.out} is not empty ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}) "
+                             f"and holds no qzoom training run ({RUN_NAME}); choose a new or empty `out` folder "
+                             "(nothing in it is overwritten)")
+        return None
 
-    @staticmethod
-    def _latest(ckpt_dir: Path) -> Path | None:
-        done = [p for p in ckpt_dir.glob("step-*") if (p / "trainer_state.json").exists()]
+    def _start_run(self, acc) -> None:
+        """Check `out` on every process, then (main process) mark a fresh run folder; all processes agree."""
+        acc.wait_for_everyone()  # nobody writes into `out` before every process has looked at it
+        run = self._check_out_dir()
+        acc.wait_for_everyone()
+        if run is None:
+            from qzoom_adapters import __version__
+
+            run = {"library": __version__, "settings": self.settings, "checkpoints": []}
+            if acc.is_main_process:
+                self.out.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(self.out / RUN_NAME, json.dumps(run, indent=1))
+        self.run = run
+        acc.wait_for_everyone()
+
+    def _save_run(self) -> None:
+        atomic_write_text(self.out / RUN_NAME, json.dumps(self.run, indent=1))
+
+    def _latest(self, ckpt_dir: Path) -> Path | None:
+        """The newest complete checkpoint this run wrote (a folder it did not write is never resumed from)."""
+        done = [ckpt_dir / n for n in self.run.get("checkpoints", []) if (ckpt_dir / n / "trainer_state.json").exists()]
         return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
 
     # --- the loop ---------------------------------------------------------------------------
@@ -104,10 +190,10 @@ class Trainer:
         from transformers import get_cosine_schedule_with_warmup
 
         cfg = self.cfg
-        self._check_out_dir()
         acc = self._accelerator()
-        torch.manual_seed(cfg.seed)
         accum, micro_per_epoch, steps_per_epoch, total = self._plan(acc.num_processes)
+        self._start_run(acc)
+        torch.manual_seed(cfg.seed)
         planned = total
         params = [p for p in self.module.parameters() if p.requires_grad]
         if not params:
@@ -190,7 +276,7 @@ class Trainer:
                    "processes": acc.num_processes, "skipped_steps": skipped}
         if acc.is_main_process:
             self.save_outputs(acc.unwrap_model(module), self.out)
-            (self.out / DONE_NAME).write_text(json.dumps(summary, indent=2))
+            atomic_write_text(self.out / DONE_NAME, json.dumps(summary, indent=2))
         acc.wait_for_everyone()
         return summary
 
@@ -214,21 +300,39 @@ class Trainer:
         return [c * acc.num_processes / total if total else 0.0 for c in counts]
 
     def _checkpoint(self, acc, ckpt_dir: Path, step: int) -> None:
-        """Save to a temporary folder, then rename: a kill during saving leaves the previous checkpoint intact."""
-        final = ckpt_dir / f"step-{step}"
-        tmp = ckpt_dir / f".tmp-step-{step}"
+        """Save to a temporary folder, then rename: a kill during saving leaves the previous checkpoint intact.
+
+        The run records each checkpoint before it appears, and rotates away only checkpoints it recorded.
+        """
+        name = f"step-{step}"
+        final = ckpt_dir / name
+        tmp = ckpt_dir / f".tmp-{name}"
         if acc.is_main_process:
+            if final.exists() and name not in self.run["checkpoints"]:
+                raise QZoomError(f"{final} exists but this run did not write it; move it out of {ckpt_dir} and "
+                                 "run again to resume")
             shutil.rmtree(tmp, ignore_errors=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         acc.wait_for_everyone()
         if acc.is_main_process:
             (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
+            names = [n for n in self.run["checkpoints"] if n != name] + [name]
+            self.run["checkpoints"] = names
+            self._save_run()
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
-            kept = sorted((p for p in ckpt_dir.glob("step-*")), key=lambda p: int(p.name.split("-")[1]))
-            for old in kept[: -self.cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            names = sorted(names, key=lambda n: int(n.split("-")[1]))
+            old, keep = names[: -self.cfg.keep_checkpoints], names[-self.cfg.keep_checkpoints :]
+            if old:
+                self.run["checkpoints"] = keep
+                self._save_run()  # forgotten first: a half-deleted folder is never resumed from
+                for n in old:
+                    gone = ckpt_dir / f".old-{n}"
+                    if (ckpt_dir / n).exists():
+                        shutil.rmtree(gone, ignore_errors=True)
+                        (ckpt_dir / n).rename(gone)
+                    shutil.rmtree(gone, ignore_errors=True)
         acc.wait_for_everyone()
 
 
@@ -246,6 +350,32 @@ class _EpochView(torch.utils.data.Dataset):
         return get(i, self.epoch) if get is not None else self.dataset[i]
 
 
+def read_log_rows(path: Path) -> list[dict]:
+    """Rows of a JSONL loss log; a torn line (a kill while appending) and rows without a step are dropped with a
+    warning, so one bad line never blocks a resume."""
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    rows, bad = [], []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            bad.append(n)
+            continue
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            bad.append(n)
+            continue
+        rows.append(row)
+    if bad:
+        torn = bad == [len(lines)]
+        warnings.warn(f"{path}: dropped {'a torn last line' if torn else f'unreadable line(s) {bad[:10]}'} "
+                      f"({len(rows)} rows kept)", stacklevel=2)
+    return rows
+
+
 class _Log:
     """Loss log as CSV and JSONL (appended, so a resumed run continues the same files)."""
 
@@ -258,14 +388,15 @@ class _Log:
         self.last_loss = None
         if not main:
             return
-        # rows logged after the checkpoint we resume from are redone: drop them
-        rows = [json.loads(x) for x in self.jsonl.read_text().splitlines()] if self.jsonl.exists() else []
-        rows = [r for r in rows if r["step"] <= resume_step]
-        self.jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        with open(self.csv, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(self.FIELDS)
-            w.writerows([r[k] for k in self.FIELDS] for r in rows)
+        # rows logged after the checkpoint we resume from are redone: drop them. Both files are rewritten through
+        # a temporary file, so a crash here loses no row; later rows are appended
+        rows = [r for r in read_log_rows(self.jsonl) if r["step"] <= resume_step]
+        atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in rows))
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(self.FIELDS)
+        w.writerows([r.get(k, "") for k in self.FIELDS] for r in rows)
+        atomic_write_text(self.csv, buf.getvalue())
 
     def write(self, **row) -> None:
         self.last_loss = row["loss"]

@@ -1,6 +1,7 @@
 """`generate()` through a processor, `qzoom demo`, `qzoom infer`, and reference key mapping."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -44,7 +45,7 @@ def untrained_default(tmp_path_factory):
     return write_untrained_default(tmp_path_factory.mktemp("default"))
 
 
-def test_demo_runs_and_writes_pictures(untrained_default, tmp_path, capsys):
+def test_demo_runs_and_writes_pictures(untrained_default, tmp_path, capsys, monkeypatch):
     out = tmp_path / "demo"
     assert main(["demo", "--model", str(untrained_default), "--out", str(out), "--samples", "3"]) == 0
     text = capsys.readouterr().out
@@ -61,9 +62,50 @@ def test_demo_runs_and_writes_pictures(untrained_default, tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary) == {"n", "budget", "accuracy", "detail_accuracy", "global_accuracy", "zoom_rate_detail",
                             "zoom_rate_global", "mean_visual_tokens", "seconds", "answers"}
-    assert (summary["n"], summary["budget"]) == (3, 64) and 0 <= summary["accuracy"] <= 1
-    assert "summary: n=3 accuracy=" in text
-    assert len(summary["answers"]) == 3 and all(isinstance(a, str) for a in summary["answers"])
+    assert (summary["n"], summary["budget"]) == (3, 64)
+    answers = summary["answers"]
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+    _assert_scored(summary, text, samples)
+    # the untrained model answers everything wrong; make two truths its own answers (upper case, a full stop:
+    # the normalisation must see through both) and the scores must move to exactly 2/3, 1/2 and 1/1
+    from qzoom_adapters.benchmarks.zoomworld import shipped
+
+    rigged = [dataclasses.replace(s, answer=a.upper() + ".") if i < 2 else s
+              for i, (s, a) in enumerate(zip(samples, answers))]
+    monkeypatch.setattr(shipped, "demo_samples", lambda n, start=0: rigged[:n])
+    assert main(["demo", "--model", str(untrained_default), "--out", str(tmp_path / "demo2"), "--samples", "3"]) == 0
+    text2 = capsys.readouterr().out
+    summary2 = json.loads((tmp_path / "demo2" / "summary.json").read_text())
+    assert summary2["answers"] == answers and _norm(answers[2]) != _norm(samples[2].answer)
+    _assert_scored(summary2, text2, rigged)
+    assert (summary2["accuracy"], summary2["detail_accuracy"], summary2["global_accuracy"]) == \
+        pytest.approx((2 / 3, 1 / 2, 1.0))
+
+
+def _assert_scored(summary, text, samples):
+    """accuracy (all, per family) == share of the answers that exact-match their truths; printed lines agree."""
+    answers = summary["answers"]
+    right = [_norm(a) == _norm(s.answer) != "" for a, s in zip(answers, samples)]
+    for s, a, ok in zip(samples, answers, right):
+        assert f"answer={a!r} truth={s.answer!r} {'correct' if ok else 'wrong'} -> " in text
+    assert summary["accuracy"] == pytest.approx(sum(right) / len(right))
+    for fam in ("detail", "global"):
+        mine = [ok for ok, s in zip(right, samples) if s.family == fam]
+        assert summary[f"{fam}_accuracy"] == pytest.approx(sum(mine) / len(mine))
+    assert f"summary: n={len(samples)} accuracy={summary['accuracy']:.2f} (detail {summary['detail_accuracy']:.2f}, " \
+           f"global {summary['global_accuracy']:.2f})" in text
+
+
+def _norm(text):
+    """ZoomWorld's exact-match normalisation, written out: lower case, letters and digits only."""
+    return "".join(c for c in text.lower() if c.isascii() and c.isalnum())
+
+
+def test_demo_norm_matches_scoring():
+    from qzoom_adapters.benchmarks.zoomworld.scoring import exact_match
+
+    for pred, truth in (("Red.", "red"), ("A-7 Q", "a7q"), ("red", "blue"), ("", ""), ("ÄB", "b")):
+        assert exact_match(pred, truth) == (_norm(pred) == _norm(truth) != "")
 
 
 def test_demo_without_a_default_says_how_to_get_one(tmp_path, capsys):

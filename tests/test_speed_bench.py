@@ -39,8 +39,34 @@ def test_quick_report_is_well_formed(quick_report):
         assert zoomed["visual_tokens"] > row["visual_tokens"]  # the crop's tokens come on top
         assert row["prefill_flops"] > 0 and row["prefill_floor_s"] > 0 and row["decode_floor_s"] > 0
     t = report["targets"]
-    assert t["zoomed_low_vs_plain_high"]["speedup"] > 0
     assert set(t["not_zoomed_overhead"]["per_config"]) == {f"tiny_qwen2_5_vl@{b}" for b in q["budgets"]}
+
+
+def _row(report, budget, batch=1):
+    n = min(speed.QUICK["new_tokens"])
+    found = [r for r in report["rows"] if (r["budget"], r["batch"], r["new_tokens"]) == (budget, batch, n)]
+    assert len(found) == 1, f"{len(found)} rows for budget {budget}, batch {batch}, {n} new tokens"
+    return found[0]
+
+
+def test_quick_report_targets_are_the_ratios_of_their_rows(quick_report):
+    """The headline speedup is plain generate at the high budget over zoomed at the low one, recomputed from the
+    rows; so are the not-zoomed overheads."""
+    _, report = quick_report
+    q, t = speed.QUICK, report["targets"]
+    lo, hi = min(q["budgets"]), max(q["budgets"])
+    target = t["zoomed_low_vs_plain_high"]
+    assert (target["zoomed_budget"], target["plain_budget"], target["new_tokens"]) == (lo, hi, min(q["new_tokens"]))
+    zoomed, plain = _row(report, lo)["zoomed"], _row(report, hi)["plain"]
+    assert target["speedup"] == pytest.approx(plain["latency_s"] / zoomed["latency_s"], rel=1e-9)
+    assert target["speedup_end_to_end"] == pytest.approx(plain["end_to_end_s"] / zoomed["end_to_end_s"], rel=1e-9)
+    assert target["speedup"] != pytest.approx(_row(report, lo)["plain"]["latency_s"] / zoomed["latency_s"], rel=1e-9)
+    for b in q["budgets"]:
+        row = _row(report, b)
+        over = t["not_zoomed_overhead"]["per_config"][f"tiny_qwen2_5_vl@{b}"]
+        assert over["vs_plain_generate"] == pytest.approx(row["not_zoomed"]["latency_s"] / row["plain"]["latency_s"] - 1)
+        assert over["vs_plain_ours (gate cost)"] == pytest.approx(
+            row["not_zoomed"]["latency_s"] / row["plain_ours"]["latency_s"] - 1)
 
 
 def test_plan_puts_target_configs_first():

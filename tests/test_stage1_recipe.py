@@ -524,11 +524,38 @@ def test_teacher_bans_image_placeholders(tmp_path):
     root = _tiny(tmp_path, samples=4)
     cfg = _cfg(root)
     model, processor, spec = load_backbone(cfg.model)
-    with torch.no_grad():  # make the image token the model's favourite next token everywhere
+    with torch.no_grad():  # make the image token the model's favourite next token at many steps
         model.lm_head.weight[spec.image_token_id] += 100.0
     teacher = stage1.Teacher(model, processor, spec, cfg.labels_stage1.grid, 5)
     recs = read_records(cfg.labels_stage1.records)[:2]
-    out = teacher.run([load_image(r) for r in recs], [r.question for r in recs], [4])
+    images, prompts = [load_image(r) for r in recs], [r.question for r in recs]
+    banned = {t for t in (spec.image_token_id, spec.video_token_id, spec.vision_start_id, spec.vision_end_id)
+              if t is not None}
+    inputs = teacher.prepare(images, prompts)
+    S = inputs["input_ids"].shape[1]
+    with torch.no_grad():  # without the ban, greedy decoding writes the placeholder: the test can fail
+        free = model.generate(**inputs, do_sample=False, max_new_tokens=5, eos_token_id=sorted(teacher.eos),
+                              pad_token_id=teacher.pad_id)[:, S:]
+    assert (free == spec.image_token_id).any(dim=1).all(), free  # in every sample's unbanned response
+
+    sequences = []
+    generate = model.generate
+
+    def recorded(*args, **kwargs):
+        sequences.append(generate(*args, **kwargs))
+        return sequences[-1]
+
+    model.generate = recorded  # the teacher's own generate call, kept to read its response ids
+    try:
+        out = teacher.run(images, prompts, [4])
+    finally:
+        del model.generate
+    assert len(sequences) == 1 and sequences[0].shape[1] > S
+    resp, resp_mask, _, _ = response_rows(S, sequences[0].cpu(), teacher.eos, teacher.pad_id)
+    valid = resp[resp_mask.bool()].tolist()
+    assert valid and not banned & set(valid), f"placeholders {banned & set(valid)} in the responses"
+    assert not out.image_mask[:, S:].any()  # what the probe re-read holds no image tokens after the prompt
+    assert int(out.image_mask[:, :S].sum()) == 2 * cfg.labels_stage1.grid ** 2
     assert out.row_mask.any()  # responses were generated (and re-read by the probe without error)
 
 

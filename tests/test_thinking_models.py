@@ -55,8 +55,38 @@ def test_rl_checkpoint_loads_through_the_base_spec(spec_cls, tmp_path):
     kit = make_kit(spec_cls, make_model=load, make_processor=lambda: AutoProcessor.from_pretrained(tmp_path))
     run_conformance(spec_cls, kit=kit, checks=["never_zoom_equals_generate", "kv_reuse_equals_recompute",
                                                "batch_equals_single"])
-    outs = kit.zoom(gate_threshold=0.0, roi_threshold=0.0).generate(kit.images[:2], kit.questions[:2], max_new_tokens=4)
-    assert all(o.zoomed and final_answer(o.text) is not None for o in outs)
+    _zoomed_answers_are_greedy_and_read_back(kit)
+
+
+def _printable_ids(tok):
+    return [i for i in range(len(tok)) if i not in tok.added_tokens_decoder]
+
+
+@torch.no_grad()
+def _zoomed_answers_are_greedy_and_read_back(kit):
+    """The zoomed answers of the RL checkpoint (sampling settings in its generation config) are the unmodified
+    model's greedy continuation of the RoI sequence, and `final_answer` of their text is the expected string."""
+    tok, spec = kit.processor.tokenizer, qz.get_spec(kit.model)
+    keep = torch.zeros(spec.lm_head.weight.shape[0], dtype=torch.bool)
+    keep[_printable_ids(tok)] = True
+    spec.lm_head.weight[~keep] = 0.0  # the model now writes printable characters, so the text is not empty
+    zoom = kit.zoom(gate_threshold=0.0, roi_threshold=0.0, position_mode="sequential")
+    outs = zoom.generate(kit.images[:2], kit.questions[:2], max_new_tokens=4, return_trace=True)
+    for img, q, o in zip(kit.images[:2], kit.questions[:2], outs):
+        assert o.zoomed and len(o.tokens) == 4 and all(keep[t] for t in o.tokens)
+        tr = o.trace
+        ids = torch.cat([tr["roi_input_ids"], torch.tensor(o.tokens[:-1])])[None]
+        crop = spec.process_crops(kit.image_processor, [img.crop(o.bbox)], None, None)
+        inputs = kit.inputs([img], [q])
+        grids = torch.cat([spec.image_grids(inputs), crop["image_grid_thw"]])
+        pos = spec.position_ids(ids, None, grids)
+        logits = kit.model_forward_logits(ids, torch.cat([inputs["pixel_values"], crop["pixel_values"]]), grids, pos)
+        n = tr["roi_input_ids"].shape[0]
+        assert logits[0, n - 1 :].argmax(-1).tolist() == o.tokens, "zoomed answer != greedy recomputation"
+        expected = "".join(tok.convert_ids_to_tokens(o.tokens))  # one character per token, no thinking tags
+        assert o.text == expected
+        assert final_answer(o.text) == expected.strip()
+        assert final_answer(f"<think>{q}</think><answer> {o.text} </answer>") == expected.strip()
 
 
 def test_split_thinking():

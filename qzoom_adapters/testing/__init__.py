@@ -8,11 +8,12 @@ Each check builds tiny random models on the CPU; no downloads, no GPU.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Iterable
 
 from ..spec import get_spec
 from .checks import CHECKS
-from .kit import Kit, default_model_factory, raises, synthetic_image
+from .kit import Kit, NotApplicable, default_model_factory, raises, synthetic_image
 
 
 def make_kit(spec_cls, make_model: Callable | None = None, make_processor: Callable | None = None,
@@ -28,7 +29,9 @@ def make_kit(spec_cls, make_model: Callable | None = None, make_processor: Calla
 
 def run_conformance(spec_cls, make_model: Callable | None = None, make_processor: Callable | None = None, *,
                     checks: Iterable[str] | None = None, kit: Kit | None = None) -> list[str]:
-    """Run the named checks (default: all) and return their names; the first failure (or error) raises AssertionError."""
+    """Run the named checks (default: all) and return the names of those that passed; the first failure (or error)
+    raises AssertionError. A check that does not apply to the spec (`NotApplicable`, e.g. visual-token budgets for
+    a family without them) is left out of the result and reported with a `ConformanceNotApplicable` warning."""
     kit = kit or make_kit(spec_cls, make_model, make_processor)
     names = list(checks) if checks is not None else list(CHECKS)
     unknown = set(names) - set(CHECKS)
@@ -38,13 +41,24 @@ def run_conformance(spec_cls, make_model: Callable | None = None, make_processor
     if resolved is not spec_cls:
         raise AssertionError(f"model_type {kit.model.config.model_type!r} resolves to {resolved.__name__}, not "
                              f"{spec_cls.__name__}; register the spec (qz.register_backbone) before checking it")
+    passed = []
     for name in names:
         try:
             CHECKS[name](kit)
+        except NotApplicable as why:
+            warnings.warn(f"{spec_cls.__name__}: conformance check {name!r} is not applicable: {why}",
+                          ConformanceNotApplicable, stacklevel=2)
+            continue
         except Exception as err:  # an error inside a check is a failure of that check
             raise AssertionError(f"{spec_cls.__name__} fails conformance check {name!r}: "
                                  f"{type(err).__name__}: {err}") from err
-    return names
+        passed.append(name)
+    return passed
 
 
-__all__ = ["CHECKS", "Kit", "make_kit", "run_conformance", "raises", "synthetic_image", "default_model_factory"]
+class ConformanceNotApplicable(UserWarning):
+    """A conformance check that does not apply to the spec was not run (it did not pass)."""
+
+
+__all__ = ["CHECKS", "ConformanceNotApplicable", "Kit", "NotApplicable", "make_kit", "run_conformance", "raises",
+           "synthetic_image", "default_model_factory"]

@@ -8,7 +8,7 @@ import time
 import traceback
 
 from ..spec import registered_families
-from . import CHECKS, make_kit
+from . import CHECKS, NotApplicable, make_kit
 
 
 def _spec_class(name: str):
@@ -27,7 +27,7 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="append", choices=sorted(CHECKS), help="run only these checks")
     args = parser.parse_args(argv)
     specs = [_spec_class(s) for s in args.specs] or list(registered_families().values())
-    failed = 0
+    failed = not_applicable = 0
     for spec_cls in specs:
         kit = make_kit(spec_cls)
         for name in args.check or CHECKS:
@@ -35,11 +35,15 @@ def main(argv=None) -> int:
             try:
                 CHECKS[name](kit)
                 status = "ok"
+            except NotApplicable as why:  # not run for this spec: neither a pass nor a failure
+                not_applicable += 1
+                status = f"n/a ({why})"
             except Exception:  # report every check, then fail at the end
                 failed += 1
                 status = "FAILED\n" + traceback.format_exc(limit=3)
             print(f"{spec_cls.family:12s} {name:40s} {time.perf_counter() - start:5.1f}s  {status}", flush=True)
-    print(f"{failed} check(s) failed" if failed else "all checks passed")
+    na = f" ({not_applicable} not applicable)" if not_applicable else ""
+    print(f"{failed} check(s) failed{na}" if failed else f"all checks passed{na}")
     return 1 if failed else 0
 
 

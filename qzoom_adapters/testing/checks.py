@@ -15,7 +15,7 @@ from ..pipeline import QZoom
 from ..spec import get_spec
 from ..trunk import Trunk
 from ..twig import TwigRPN
-from .kit import Kit, raises, synthetic_image
+from .kit import Kit, NotApplicable, raises, synthetic_image
 
 CHECKS = {}
 
@@ -267,20 +267,56 @@ def empty_mask_answers_directly(kit: Kit):
     assert out.tokens == ref.tokens and torch.equal(out.trace["first_logits"], ref.trace["first_logits"])
 
 
+BUDGET_GRIDS = (3, 4, 6)
+
+
+def _image_tokens(spec, inputs) -> list[int]:
+    return (inputs["input_ids"] == spec.image_token_id).sum(dim=1).tolist()
+
+
 @check
 @torch.no_grad()
 def budget_views_give_their_grid(kit: Kit):
-    """Training views: a square view at `budget_pixels(g*g)` encodes to exactly g x g tokens (stage 1/3)."""
+    """Training views (stage 1/3). Dynamic resolution: a square view at `budget_pixels(g*g)` encodes to exactly
+    g x g tokens. Fixed resolution (`budget_pixels` returns None for the family's own grid): every image, of any
+    size, encodes to that grid, and every other budget is refused. A spec with no budgets at all: not applicable."""
     spec = get_spec(kit.model)
-    for g in (3, 4, 6):
+    asked = {}
+    for g in BUDGET_GRIDS:
         try:
-            pixels = spec.budget_pixels(g * g)
-        except QZoomError:
-            continue  # a fixed-resolution family: only its own grid is a valid budget
-        side = int(round((pixels or 0) ** 0.5))
-        image = synthetic_image(side, side, g) if pixels is not None else kit.images[0]
-        inputs = spec.chat_inputs(kit.processor, [image], ["What is here?"], pixels=pixels)
-        h_w = spec.token_grid(spec.image_grids(inputs)[0])
-        if pixels is not None:
+            asked[g] = spec.budget_pixels(g * g)
+        except QZoomError as err:
+            asked[g] = err
+    if all(isinstance(p, int) for p in asked.values()):  # dynamic resolution
+        for g, pixels in asked.items():
+            side = int(round(pixels ** 0.5))
+            inputs = spec.chat_inputs(kit.processor, [synthetic_image(side, side, g)], ["What is here?"], pixels=pixels)
+            h_w = spec.token_grid(spec.image_grids(inputs)[0])
             assert h_w == (g, g), f"budget_pixels({g * g}) gave a {h_w} grid for a square view"
-        assert int((inputs["input_ids"] == spec.image_token_id).sum()) == h_w[0] * h_w[1]
+            assert _image_tokens(spec, inputs) == [g * g], f"budget_pixels({g * g}): {_image_tokens(spec, inputs)} tokens"
+        return
+    assert not any(isinstance(p, int) for p in asked.values()), \
+        f"budget_pixels gives pixel budgets for some grids and not for others: {asked}"
+    # fixed resolution: the processor's own size gives one grid for every image
+    images = kit.images + [synthetic_image(s, s, s) for s in (64, 150)]
+    inputs = spec.chat_inputs(kit.processor, images, ["What is here?"] * len(images))
+    grids = {spec.token_grid(row) for row in spec.image_grids(inputs)}
+    if len(grids) != 1:
+        raise NotApplicable(f"budget_pixels gives no pixel budget ({asked[BUDGET_GRIDS[0]]}) and images of different "
+                            f"sizes give grids {sorted(grids)}: the family has no visual-token budgets")
+    (h, w), = grids
+    n = h * w
+    try:
+        own = spec.budget_pixels(n)
+    except QZoomError as err:
+        raise NotApplicable(f"the family encodes every image at a fixed {h}x{w} grid but budget_pixels({n}) "
+                            f"refuses that grid too ({err}): it defines no visual-token budgets") from err
+    assert own is None, f"budget_pixels({n}) of a fixed-resolution family must be None (the processor's size), got {own}"
+    assert _image_tokens(spec, inputs) == [n] * len(images), f"{_image_tokens(spec, inputs)} image tokens, not {n} each"
+    assert spec.chat_inputs(kit.processor, images[:1], ["What is here?"], pixels=own)["input_ids"].equal(
+        spec.chat_inputs(kit.processor, images[:1], ["What is here?"])["input_ids"]), "pixels=None changed the view"
+    for g, pixels in asked.items():
+        if g * g == n:
+            assert pixels is None, f"budget_pixels({n}) differs between calls: {pixels}"
+        else:
+            assert isinstance(pixels, QZoomError), f"budget_pixels({g * g}) must refuse a grid the family cannot give"

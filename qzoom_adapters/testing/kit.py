@@ -39,6 +39,10 @@ def default_model_factory(spec_cls) -> Callable[[int], nn.Module]:
     return make
 
 
+class NotApplicable(Exception):
+    """Raised by a check that does not apply to the spec under test: its result is "not applicable", not a pass."""
+
+
 @contextmanager
 def raises(exc: type[BaseException], match: str):
     """Like `pytest.raises` (the kit must not need pytest): the block must raise `exc` matching `match`."""
