@@ -25,3 +25,15 @@ tar -C "$RUN/out" -cf "$OUT/model.tar" model
 timeout "${PROBE_SECONDS:-60}" python3 -m qzoom_adapters.benchmarks.zoomworld.probes --model "$RUN/out/model" --n 48 --grounding-only \
   2>/dev/null > "$OUT/probe.json" || echo "probe did not finish"
 cat "$OUT/probe.json"
+# CHAIN_SECONDS > 0: then run the Q-Zoom chain on the new model for at most that long (heads, stage-1 labels and
+# twig, stage-3 labels and gate, thresholds on validation) and bring back chain.tar.gz: the default folder's
+# adapters and training logs, chain.json, heads.json and recipe.yaml (not the images and labels, which the
+# recipe rebuilds). A chain cut by the time limit is finished here on CPU from the model.tar.
+if [ "${CHAIN_SECONDS:-0}" -gt 0 ]; then
+  timeout "$CHAIN_SECONDS" python3 -m qzoom_adapters.benchmarks.zoomworld.chain --model "$RUN/out/model" --out "$RUN/chain" \
+    --n "${N:-256}" --n-gate "${N_GATE:-300}" --n-val "${N_VAL:-96}" 2>&1 | tr '\r' '\n' \
+    | grep --line-buffered -v -e 'it/s\]$' -e 's/it\]$' -e '^\s*$' -e 'Loading weights' > "$OUT/chain_log.txt" || true
+  tail -n 30 "$OUT/chain_log.txt"
+  (cd "$RUN/chain" && tar -czf "$OUT/chain.tar.gz" --ignore-failed-read chain.json heads.json recipe.yaml \
+     default/adapter_config.json default/adapter_model.safetensors default/training 2>/dev/null) || true
+fi
