@@ -1,2 +1,7 @@
-"""Built-in backbone families; importing this package registers them."""
-from . import llava, qwen2_5_vl, qwen2_vl, qwen3_vl  # noqa: F401
+"""Built-in backbone families, one module each: `qwen2_vl`, `qwen2_5_vl`, `qwen3_vl`, `llava` (and `thinking`,
+helpers for thinking-with-image fine-tunes of the Qwen families).
+
+Importing this package imports none of them: `qzoom_adapters.spec.BUILTIN_BACKBONES` names each family's class
+("module:Class") and the registry imports it on the first lookup (`get_spec`, `registered_families`). The
+modules here import only leaf modules of the core (`spec`, `errors`, `compat`) and each other.
+"""

@@ -11,10 +11,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from qzoom_adapters import compat
 from qzoom_adapters.errors import QZoomError
 from qzoom_adapters.spec import VisualFeatures
-
-from . import _compat
 
 
 def take_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -42,7 +41,7 @@ def _heads(x: torch.Tensor, attn, norm: str | None) -> torch.Tensor:
 class VisionLanguageSpec(ABC):
     """Defaults for an HF `*ForConditionalGeneration` VLM with a Llama-style decoder.
 
-    A family implements the four abstract methods (image -> tokens, grid, positions, crops);
+    A family implements the abstract methods (image -> tokens, grid, positions, crops, and its HF class);
     instantiating a spec that misses one fails with a TypeError naming it.
 
     Structure: `model.model.language_model` is the text decoder (embed_tokens, layers, norm,
@@ -61,6 +60,11 @@ class VisionLanguageSpec(ABC):
         self.core = model.model
         self.config = model.config
         self.text_config = getattr(model.config, "text_config", model.config)
+
+    @staticmethod
+    @abstractmethod
+    def model_class() -> type:
+        """The HF `*ForConditionalGeneration` class; the loaders and the conformance kit build models with it."""
 
     # --- structure -------------------------------------------------------------------
     @property
@@ -202,7 +206,7 @@ class VisionLanguageSpec(ABC):
 
     # --- layers ----------------------------------------------------------------------
     def call_layer(self, layer, hidden, kwargs) -> torch.Tensor:
-        return _compat.layer_output(layer(hidden_states=hidden, **kwargs))
+        return compat.layer_output(layer(hidden_states=hidden, **kwargs))
 
     def rotary_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor):
         """(cos, sin) the text model hands its layers for `position_ids` in the text model's own shape."""
@@ -214,7 +218,7 @@ class VisionLanguageSpec(ABC):
         x = layer.input_layernorm(hidden)
         cos, sin = kwargs["position_embeddings"]
         q = _heads(attn.q_proj(take_rows(x, rows)), attn, "q_norm")
-        q, _ = _compat.apply_rope(q, q, take_rows(cos, rows), take_rows(sin, rows), attn)
+        q, _ = compat.apply_rope(q, q, take_rows(cos, rows), take_rows(sin, rows), attn)
         return q, self._keys(attn, x, cos, sin)
 
     def key_value(self, layer, hidden, kwargs):
@@ -226,7 +230,7 @@ class VisionLanguageSpec(ABC):
     @staticmethod
     def _keys(attn, x, cos, sin) -> torch.Tensor:
         k = _heads(attn.k_proj(x), attn, "k_norm")
-        k, _ = _compat.apply_rope(k, k, cos, sin, attn)
+        k, _ = compat.apply_rope(k, k, cos, sin, attn)
         return k
 
     def sink_mask(self, h_t: int, w_t: int, **ctx) -> torch.Tensor:

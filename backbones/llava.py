@@ -15,14 +15,14 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
+from qzoom_adapters import compat
 from qzoom_adapters.errors import QZoomError
-from qzoom_adapters.spec import VisualFeatures, register_backbone
+from qzoom_adapters.spec import VisualFeatures
 
-from . import _compat
 from .base import VisionLanguageSpec
 
 
-@register_backbone
+# registered by name in qzoom_adapters.spec.BUILTIN_BACKBONES (imported on the first registry lookup)
 class LlavaSpec(VisionLanguageSpec):
     """`LlavaForConditionalGeneration` with a CLIP tower and a Llama-style decoder."""
 
@@ -56,7 +56,7 @@ class LlavaSpec(VisionLanguageSpec):
         return int(grid_row[1]), int(grid_row[2])
 
     def encode_images(self, pixel_values, grids) -> VisualFeatures:
-        embeds, _ = _compat.image_features(self.core, pixel_values)
+        embeds, _ = compat.image_features(self.core, pixel_values)
         return VisualFeatures(torch.cat(list(embeds)))
 
     def position_ids(self, input_ids, attention_mask, grids) -> torch.Tensor:

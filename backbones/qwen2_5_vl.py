@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from qzoom_adapters.spec import register_backbone
-
 from .qwen2_vl import Qwen2VLSpec
 
 
-@register_backbone
+# registered by name in qzoom_adapters.spec.BUILTIN_BACKBONES (imported on the first registry lookup)
 class Qwen2_5_VLSpec(Qwen2VLSpec):
     """`Qwen2_5_VLForConditionalGeneration` (M-RoPE, merged 2x2 patches, factor 28)."""
 

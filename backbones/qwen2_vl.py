@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import torch
 
+from qzoom_adapters import compat
 from qzoom_adapters.errors import QZoomError
-from qzoom_adapters.spec import VisualFeatures, register_backbone
+from qzoom_adapters.spec import VisualFeatures
 
-from . import _compat
 from .base import VisionLanguageSpec
 
 
-@register_backbone
+# registered by name in qzoom_adapters.spec.BUILTIN_BACKBONES (imported on the first registry lookup)
 class Qwen2VLSpec(VisionLanguageSpec):
     """`Qwen2VLForConditionalGeneration`: M-RoPE (t, h, w), 14-px patches merged 2x2 (factor 28)."""
 
@@ -39,7 +39,7 @@ class Qwen2VLSpec(VisionLanguageSpec):
         return int(tokens) * self.factor**2
 
     def view_kwargs(self, pixels: int | None) -> dict:
-        return {} if pixels is None else _compat.budget_kwargs(pixels, pixels)
+        return {} if pixels is None else compat.budget_kwargs(pixels, pixels)
 
     def validate_inputs(self, inputs: dict) -> None:
         """The generic checks, and as many `pixel_values` rows (patches) as the grids say."""
@@ -52,7 +52,7 @@ class Qwen2VLSpec(VisionLanguageSpec):
 
     # --- image -> tokens -----------------------------------------------------------------
     def encode_images(self, pixel_values, grids) -> VisualFeatures:
-        embeds, deepstack = _compat.image_features(self.core, pixel_values, grids)
+        embeds, deepstack = compat.image_features(self.core, pixel_values, grids)
         return VisualFeatures(torch.cat(embeds), deepstack)
 
     def token_grid(self, grid_row) -> tuple[int, int]:
@@ -62,7 +62,7 @@ class Qwen2VLSpec(VisionLanguageSpec):
 
     def position_ids(self, input_ids, attention_mask, grids) -> torch.Tensor:
         """The backbone's own M-RoPE positions (3, B, S) for left-padded inputs."""
-        pos, _ = _compat.rope_index(
+        pos, _ = compat.rope_index(
             self.core, input_ids, grids, attention_mask, self.image_token_id, self.video_token_id
         )
         return pos
@@ -103,14 +103,16 @@ class Qwen2VLSpec(VisionLanguageSpec):
         if min_pixels is None or max_pixels is None:
             lo, hi = self.global_budget(image_processor)
             min_pixels, max_pixels = min_pixels or lo, max_pixels or hi
-        out = image_processor(images=crops, return_tensors="pt", **_compat.budget_kwargs(min_pixels, max_pixels))
+        out = image_processor(images=crops, return_tensors="pt", **compat.budget_kwargs(min_pixels, max_pixels))
         return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
 
     # --- building blocks for tests and the demo ------------------------------------------------
+    # bos/eos None: Qwen's defaults (151643/151645) lie outside the tiny vocabulary; whoever pairs the model with a
+    # tokenizer sets its eos on generation_config (the kit, `qzoom tiny`)
     TINY_TEXT = dict(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=2048, rope_theta=1000.0, rms_norm_eps=1e-6,
-        rope_scaling={"type": "mrope", "rope_type": "default", "mrope_section": [2, 3, 3]}, tie_word_embeddings=False,
+        num_key_value_heads=2, max_position_embeddings=2048, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        bos_token_id=None, eos_token_id=None, **compat.mrope_text_kwargs([2, 3, 3], rope_theta=1000.0),
     )
     TINY_VISION = dict(depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, patch_size=14,
                        spatial_merge_size=2, temporal_patch_size=2)
@@ -126,8 +128,9 @@ class Qwen2VLSpec(VisionLanguageSpec):
     def tiny_config(cls, text: dict | None = None, **overrides):
         """A tiny random-init config (token ids of `qzoom_adapters.backbones.tiny_processor`); `text` overrides text fields."""
         text = {**cls.TINY_TEXT, **(text or {})}
+        flat = {k: v for k, v in text.items() if k not in compat.ROPE_KEYS}  # rope settings only in text_config
         cfg = cls.model_class().config_class(text_config=text, vision_config=dict(cls.TINY_VISION), **cls.TINY_IDS,
-                                             **text, **overrides)
+                                             **flat, **overrides)
         cfg._attn_implementation = "sdpa"
         return cfg
 

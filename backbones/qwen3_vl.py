@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import torch
 
-from qzoom_adapters.spec import VisualFeatures, register_backbone
+from qzoom_adapters import compat
+from qzoom_adapters.spec import VisualFeatures
 
 from .qwen2_vl import Qwen2VLSpec
 
 SINK_PROB = 0.75
 
 
-@register_backbone
+# registered by name in qzoom_adapters.spec.BUILTIN_BACKBONES (imported on the first registry lookup)
 class Qwen3VLSpec(Qwen2VLSpec):
     """`Qwen3VLForConditionalGeneration`."""
 
@@ -46,9 +47,8 @@ class Qwen3VLSpec(Qwen2VLSpec):
 
     TINY_TEXT = dict(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, rope_theta=1000.0, rms_norm_eps=1e-6,
-        rope_scaling={"rope_type": "default", "mrope_section": [2, 3, 3], "mrope_interleaved": True},
-        tie_word_embeddings=False,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=2048, rms_norm_eps=1e-6,
+        **compat.mrope_text_kwargs([2, 3, 3], rope_theta=1000.0, mrope_interleaved=True), tie_word_embeddings=False,
     )
     TINY_VISION = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
                        spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,

@@ -11,7 +11,7 @@ import transformers
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoProcessor, PretrainedConfig
 
-from . import _compat
+from qzoom_adapters import compat
 
 
 CHARS = ["\n"] + [chr(i) for i in range(32, 127)]  # "\n" + printable ASCII (space .. "~"), after the fixed ids
@@ -64,7 +64,7 @@ def _char_tokenizer(fixed_tokens, unk_token, **special_roles):
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every char (incl. "\n")
     backend.decoder = decoders.Fuse()  # concatenate characters, no spaces in between
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in fixed_tokens if t != unk_token])
-    return _compat.char_tokenizer_class()(tokenizer_object=backend, unk_token=unk_token, model_max_length=32768,
+    return compat.char_tokenizer_class()(tokenizer_object=backend, unk_token=unk_token, model_max_length=32768,
                                           clean_up_tokenization_spaces=False, **special_roles)
 
 
@@ -118,7 +118,7 @@ TinyQwen3VLProcessor = tiny_processor_class(transformers.Qwen3VLProcessor)
 
 def _qwen(processor_cls, min_pixels, max_pixels, patch_size, merge_size):
     """A tiny Qwen-VL-family processor: shared tokenizer and template, PIL image processor."""
-    image_processor = _compat.pil_image_processor("Qwen2VLImageProcessor", min_pixels=min_pixels,
+    image_processor = compat.pil_image_processor("Qwen2VLImageProcessor", min_pixels=min_pixels,
                                                   max_pixels=max_pixels, patch_size=patch_size, merge_size=merge_size)
     return tiny_vl_processor(processor_cls, image_processor, tiny_qwen_tokenizer(), QWEN_CHAT_TEMPLATE)
 
@@ -141,7 +141,7 @@ def tiny_qwen3_vl_processor(min_pixels: int = 32 * 32 * 16, max_pixels: int = 32
 
 def tiny_llava_processor(image_size: int = 84):
     """LlavaProcessor built fully offline: CLIP-style resize+crop to image_size, (image_size/14)**2 image tokens."""
-    image_processor = _compat.pil_image_processor(
+    image_processor = compat.pil_image_processor(
         "CLIPImageProcessor", size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size}, do_center_crop=True)
     return tiny_vl_processor(transformers.LlavaProcessor, image_processor, tiny_llava_tokenizer(), LLAVA_CHAT_TEMPLATE,

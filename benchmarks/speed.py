@@ -2,8 +2,8 @@
 
 No real weights exist here, but real shapes do: Qwen2.5-VL-7B and Qwen3-VL-4B are built from their public
 configs with random weights (bf16 on CUDA). Random weights make the gate's decision arbitrary, so every run
-forces it (`force_zoom`), and the box is fixed (`fixed_box_spec`: a centred box about a quarter of each side of the
-token grid, 6-7% of the image area, reported per row as `box_area_share`). The crop is re-encoded at the crop
+forces it (`force_zoom`), and the box is fixed (`boxes=`, `forced_box.centred_box`: a centred box a quarter of each side
+of the image, 6-7% of its area, reported per row as `box_area_share`; the twig still runs). The crop is re-encoded at the crop
 budget = the global budget, so a zoomed sample reads about 2x the budget in visual tokens.
 
 Per backbone, attention implementation, visual-token budget, batch size and number of new tokens (EOS off):
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from qzoom_adapters.benchmarks.forced_box import with_sink_mask
+from qzoom_adapters.benchmarks.forced_box import centred_box, with_sink_mask
 from qzoom_adapters.benchmarks.plots import line_plot
 from qzoom_adapters.benchmarks.provenance import git_commit, machine
 
@@ -243,9 +243,14 @@ def _inputs(bb: Backbone, image, budget: int, batch: int, device):
 BOX_SIDE = 0.5  # the fixed box's side is about BOX_SIDE / 2 of each grid side (+ the blur's one-cell halo)
 
 
+def fixed_boxes(images) -> list[tuple[int, int, int, int]]:
+    """The forced box of each sample (`generate_from_inputs(boxes=...)`): centred, BOX_SIDE / 2 of each side."""
+    return [centred_box(im.size, BOX_SIDE / 2) for im in images]
+
+
 def fixed_box_spec(spec):
-    """The backbone's spec whose sink mask keeps only a centred box, so with `roi_threshold` 0 the twig's box is
-    that box whatever the (random) heatmap; everything else, the twig's computation included, is unchanged."""
+    """The backbone's spec whose sink mask keeps only a centred box of the token grid (the keep-mask this benchmark
+    used before `boxes=`; kept for older callers, the benchmark forces `fixed_boxes` instead)."""
     def centred(h_t: int, w_t: int) -> torch.Tensor:
         keep = torch.zeros(h_t, w_t)
         dh, dw = max(1, round(h_t * BOX_SIDE / 2)), max(1, round(w_t * BOX_SIDE / 2))
@@ -261,22 +266,22 @@ def _zoom(bb: Backbone, budget: int, gate: bool):
     from qzoom_adapters import QZoom, ZoomConfig
 
     px = budget * bb.factor**2
-    cfg = ZoomConfig(roi_threshold=0.0, crop_min_pixels=px, crop_max_pixels=px)
-    zoom = QZoom(bb.model, bb.processor, twig=bb.twig, gate=bb.gate if gate else None, config=cfg)
-    zoom.spec = fixed_box_spec(zoom.spec)
-    return zoom
+    cfg = ZoomConfig(crop_min_pixels=px, crop_max_pixels=px)
+    return QZoom(bb.model, bb.processor, twig=bb.twig, gate=bb.gate if gate else None, config=cfg)
 
 
 def _timed_pipeline(zoom, inputs, images, n_tokens: int, force, device, repeats: int) -> dict:
     """Median latency of one pipeline call, with the median of each stage (the warm-up captures the decode
     graph for this shape)."""
+    boxes = fixed_boxes(images)
     lat, med, outs = _timed_runs(lambda: zoom.generate_from_inputs(inputs, images, max_new_tokens=n_tokens,
-                                                                    force_zoom=force), device, repeats, stages=True)
+                                                                    force_zoom=force, boxes=boxes),
+                                 device, repeats, stages=True)
     med["other_host"] = max(0.0, lat - sum(med.values()))
-    boxes = [(o.bbox[2] - o.bbox[0]) * (o.bbox[3] - o.bbox[1]) / (im.width * im.height)
-             for o, im in zip(outs, images) if o.bbox is not None]
+    shares = [(o.bbox[2] - o.bbox[0]) * (o.bbox[3] - o.bbox[1]) / (im.width * im.height)
+              for o, im in zip(outs, images) if o.bbox is not None]
     return {"latency_s": lat, "stages_s": med, "decode_mode": zoom.decoder.last_mode,
-            "box_area_share": statistics.mean(boxes) if boxes else None,
+            "box_area_share": statistics.mean(shares) if shares else None,
             "tokens_per_row": sorted({len(o.tokens) for o in outs}),
             "zoomed": sum(o.zoomed for o in outs), "visual_tokens": statistics.mean(o.visual_tokens for o in outs)}
 
@@ -522,7 +527,8 @@ def decode_agreement(bb: Backbone, image, budget: int, device) -> dict:
     for mode in ("dynamic", "auto"):
         zoom.config = zoom.config.model_copy(update={"decode": mode})
         tokens[mode] = [o.tokens for o in zoom.generate_from_inputs(inputs, images, max_new_tokens=16,
-                                                                     force_zoom=[True, False])]
+                                                                     force_zoom=[True, False],
+                                                                     boxes=fixed_boxes(images))]
         tokens[mode + "_ran"] = zoom.decoder.last_mode
     pairs = [(a, b) for ra, rb in zip(tokens["dynamic"], tokens["auto"]) for a, b in zip(ra, rb)]
     first = [next((i for i, (a, b) in enumerate(zip(ra, rb)) if a != b), None)

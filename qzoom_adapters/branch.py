@@ -6,7 +6,7 @@ import copy
 import torch
 from torch import nn
 
-from qzoom_adapters.backbones import _compat
+from qzoom_adapters import compat as _compat
 
 from .errors import QZoomError
 from .spec import get_spec

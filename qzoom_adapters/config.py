@@ -81,15 +81,57 @@ def as_zoom_config(value) -> ZoomConfig:
 
 
 class AdapterConfig(_Tolerant):
-    """What `adapter_config.json` records next to the adapter tensors."""
+    """What `adapter_config.json` records next to the adapter tensors.
+
+    `T` is the depth of the first adapter (the twig if there is one); `twig_T` / `gate_T` record each adapter's
+    own depth, so a twig and a gate of different depth round-trip (files without them: both have depth `T`).
+    `base_model_name_or_path` / `revision` name the base model the adapters were trained on (as peft records it),
+    None where the model did not say.
+    """
 
     library_version: str
     backbone_family: str
     model_type: str
     K: int = Field(ge=1)
     T: int = Field(ge=1)
+    twig_T: int | None = Field(None, ge=1)
+    gate_T: int | None = Field(None, ge=1)
     has_twig: bool
     has_gate: bool
     hidden_size: int
     num_hidden_layers: int
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
     zoom: ZoomConfig = Field(default_factory=ZoomConfig)
+
+    def depth(self, adapter: str) -> int:
+        """The depth of adapter "twig" or "gate" (`T` for files written before per-adapter depths)."""
+        own = self.twig_T if adapter == "twig" else self.gate_T
+        return own or self.T
+
+
+def explicit_fields(config) -> dict:
+    """The fields a caller set on purpose: those of a dict, or a `ZoomConfig`'s `model_fields_set` (what its
+    constructor or `model_copy(update=...)` was given); the rest are defaults that must not replace saved values."""
+    if config is None:
+        return {}
+    if isinstance(config, ZoomConfig):
+        return {k: getattr(config, k) for k in config.model_fields_set}
+    if isinstance(config, dict):
+        as_zoom_config(config)  # a bad dict fails here, naming the field (unknown keys warn once, here)
+        return {k: v for k, v in config.items() if k in ZoomConfig.model_fields}
+    raise QZoomError(f"the zoom config must be a ZoomConfig or a dict of its fields, got {type(config).__name__}")
+
+
+def merge_zoom_config(base, config=None, overrides: dict | None = None) -> ZoomConfig:
+    """`base` (saved settings) with the fields `config` sets explicitly and then the keyword `overrides` in place.
+
+    A field the caller left at its default keeps the saved value: `ZoomConfig(gate_threshold=0.5)` changes only
+    the gate threshold of a saved `position_mode="sequential"` config.
+    """
+    overrides = overrides or {}
+    unknown = set(overrides) - set(ZoomConfig.model_fields)
+    if unknown:
+        raise QZoomError(f"unknown ZoomConfig fields {sorted(unknown)}; valid: {sorted(ZoomConfig.model_fields)}")
+    base = as_zoom_config(base).model_dump() if base is not None else {}
+    return as_zoom_config({**base, **explicit_fields(config), **overrides})

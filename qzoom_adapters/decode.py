@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qzoom_adapters.backbones import _compat
+from qzoom_adapters import compat as _compat
 from . import timing
 
 CHECK_EVERY = 16  # steps between host reads of "every row has finished"

@@ -41,28 +41,110 @@ def _atomic_write(path: Path, write) -> None:
             os.remove(tmp)
 
 
+def base_model_record(model) -> dict:
+    """What names the base model: `base_model_name_or_path` (as peft records it) and `revision` (the hub commit
+    the weights were loaded at), each None where the model does not say."""
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None)
+    revision = getattr(config, "_commit_hash", None)
+    return {"base_model_name_or_path": str(name) if name else None, "revision": str(revision) if revision else None}
+
+
 def save_adapters(path, model, twig: TwigRPN | None, gate: DynamicGate | None, zoom: ZoomConfig) -> Path:
-    """Write the adapters only (never backbone weights) with what is needed to load them again."""
+    """Write the adapters only (never backbone weights) with what is needed to load them again, and a model card
+    `README.md` (unless the folder holds a README.md that `save_adapters` did not write)."""
     spec = get_spec(model)
     branch = twig or gate
     if branch is None:
         raise QZoomError("nothing to save: QZoom has neither a twig nor a gate")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    depths = {f"{name}_T": module.T for name, module in (("twig", twig), ("gate", gate)) if module is not None}
     cfg = AdapterConfig(
         library_version=__version__, backbone_family=spec.family, model_type=model.config.model_type,
-        K=branch.K, T=branch.T, has_twig=twig is not None, has_gate=gate is not None,
-        hidden_size=spec.hidden_size, num_hidden_layers=len(spec.layers), zoom=zoom,
+        K=branch.K, T=branch.T, **depths, has_twig=twig is not None, has_gate=gate is not None,
+        hidden_size=spec.hidden_size, num_hidden_layers=len(spec.layers), **base_model_record(model), zoom=zoom,
     )
     tensors = {}
     for name, module in (("twig", twig), ("gate", gate)):
         if module is not None:
             tensors.update({f"{name}.{k}": v.detach().cpu().contiguous() for k, v in module.state_dict().items()})
     meta = {"format": "pt", "library_version": __version__, "backbone_family": spec.family,
-            "K": str(branch.K), "T": str(branch.T)}  # what the tensors were cut at: checked on load
+            "K": str(branch.K), "T": str(branch.T),
+            **{k: str(v) for k, v in depths.items()}}  # what the tensors were cut at: checked on load
     _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=meta))
     _atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(cfg.model_dump_json(indent=2)))
+    _write_model_card(path, cfg, type(model).__name__)
     return path
+
+
+CARD_NAME = "README.md"
+CARD_MARKER = "<!-- qzoom-adapters: model card written by save_pretrained; remove this line to keep your edits -->"
+
+
+def _write_model_card(path: Path, cfg: AdapterConfig, model_class: str) -> None:
+    """A short model card beside the adapter files, as peft writes one. A README.md without our marker line is
+    the user's: it is left alone."""
+    card = path / CARD_NAME
+    if card.exists() or card.is_symlink():
+        try:
+            ours = card.is_file() and not card.is_symlink() and CARD_MARKER in card.read_text(errors="replace").splitlines()
+        except OSError:
+            ours = False
+        if not ours:
+            return
+    _atomic_write(card, lambda tmp: Path(tmp).write_text(model_card(cfg, model_class)))
+
+
+def model_card(cfg: AdapterConfig, model_class: str = "AutoModelForImageTextToText") -> str:
+    """The model card text for an adapter folder described by `cfg`."""
+    base = cfg.base_model_name_or_path
+    z = cfg.zoom
+    parts = [f"twig RPN (layers {cfg.K}..{cfg.K + cfg.depth('twig') - 1}, T={cfg.depth('twig')})"] if cfg.has_twig else []
+    if cfg.has_gate:
+        parts.append(f"dynamic gate (layers {cfg.K}..{cfg.K + cfg.depth('gate') - 1}, T={cfg.depth('gate')})")
+    front = ["---", "library_name: qzoom-adapters"] + ([f"base_model: {json.dumps(base)}"] if base else []) + [
+        "tags:", "- qzoom", "- multimodal", "---"]
+    load_base = base or "path/to/the/base/model"
+    lines = front + [
+        CARD_MARKER,
+        "",
+        "# Q-Zoom adapters",
+        "",
+        "Query-aware adaptive perception adapters for an unmodified Hugging Face multimodal model: a "
+        + " and a ".join(parts) + f", both branching at decoder layer K={cfg.K}. The gate decides per question "
+        "whether to zoom; the twig's heatmap gives the region that is cropped, re-encoded and appended to the "
+        "global view. The base model's weights are not part of this folder.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base model | {base or 'not recorded'}{f' (revision {cfg.revision})' if cfg.revision else ''} |",
+        f"| model type / family | {cfg.model_type} / {cfg.backbone_family} ({cfg.num_hidden_layers} decoder layers) |",
+        f"| K / T | K={cfg.K}, " + ", ".join(
+            f"{name} T={cfg.depth(name)}" for name, on in (("twig", cfg.has_twig), ("gate", cfg.has_gate)) if on) + " |",
+        f"| gate threshold | {z.gate_threshold} |",
+        f"| RoI threshold | {z.roi_threshold} |",
+        f"| position mode | {z.position_mode or 'the backbone default'} |",
+        f"| library | qzoom-adapters {cfg.library_version} |",
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "import qzoom_adapters as qz",
+        "from PIL import Image",
+        f"from transformers import AutoProcessor, {model_class}",
+        "",
+        f'model = {model_class}.from_pretrained("{load_base}"{f", revision={cfg.revision!r}" if cfg.revision else ""})',
+        f'processor = AutoProcessor.from_pretrained("{load_base}")',
+        'zoom = qz.QZoom.from_pretrained("path/to/this/folder", model=model, processor=processor)',
+        'print(zoom.generate([Image.open("picture.jpg")], ["What is written on the sign?"])[0].text)',
+        "```",
+        "",
+        "Settings saved here (`adapter_config.json`, `zoom`) can be overridden on load: "
+        "`QZoom.from_pretrained(..., gate_threshold=0.5)`.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def _check_folder(path, what: str) -> Path:
@@ -101,8 +183,28 @@ def _check_finite(tensors: dict, file: Path) -> None:
                              "(re-save or re-train them)")
 
 
+def _checkpoint_name(name_or_path: str) -> str:
+    """The last component of a hub id or folder path: "Qwen/Qwen2.5-VL-7B-Instruct" and
+    "/models/Qwen2.5-VL-7B-Instruct" name the same checkpoint, and so do a folder and its moved copy."""
+    return name_or_path.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+
+
+def _warn_other_base_model(path: Path, cfg: AdapterConfig, model) -> None:
+    """Another base-model name is only a warning (compared by `_checkpoint_name`, so a local snapshot or a moved
+    folder is not "another"); another model_type or depth is an error, checked in `load_adapters`."""
+    saved, now = cfg.base_model_name_or_path, base_model_record(model)["base_model_name_or_path"]
+    if saved and now and _checkpoint_name(saved) != _checkpoint_name(now):
+        warnings.warn(f"adapters in {path} were saved for base model {saved!r} but are loaded into "
+                      f"{now!r}; outputs may differ if the weights are not the same",
+                      stacklevel=3)
+
+
 def load_adapters(path, model) -> tuple[TwigRPN | None, DynamicGate | None, ZoomConfig]:
-    """Rebuild twig/gate for `model` from an adapter folder written by `save_adapters`."""
+    """Rebuild twig/gate for `model` from an adapter folder written by `save_adapters`.
+
+    The model must have the saved `model_type`, family, depth and hidden size (else `QZoomError`); a different
+    base-model name only warns.
+    """
     path = Path(path)
     if not path.exists():
         raise QZoomError(f"adapter folder {path} does not exist (no {CONFIG_NAME} to read); pass the folder "
@@ -130,22 +232,31 @@ def load_adapters(path, model) -> tuple[TwigRPN | None, DynamicGate | None, Zoom
             f"adapters in {path} were saved for backbone family {cfg.backbone_family!r} but the model is "
             f"{spec.family!r}; load them into a {cfg.backbone_family} model"
         )
-    if cfg.K + cfg.T > len(spec.layers):
+    if not (cfg.has_twig or cfg.has_gate):
+        raise QZoomError(f"{path / CONFIG_NAME} records neither a twig nor a gate (has_twig, has_gate); "
+                         "re-save the adapters")
+    T = max(cfg.depth(name) for name, on in (("twig", cfg.has_twig), ("gate", cfg.has_gate)) if on)
+    if cfg.K + T > len(spec.layers):
         raise QZoomError(
-            f"adapters in {path} branch at K={cfg.K} with T={cfg.T} layers but the model has only "
+            f"adapters in {path} branch at K={cfg.K} with T={T} layers but the model has only "
             f"{len(spec.layers)} decoder layers; use the model they were trained with"
         )
     if cfg.hidden_size != spec.hidden_size:
         raise QZoomError(f"adapters have hidden size {cfg.hidden_size} but the model has {spec.hidden_size}")
+    _warn_other_base_model(path, cfg, model)
     meta = _probe_safetensors(path / WEIGHTS_NAME, "adapter weights")
-    for key, value in (("K", cfg.K), ("T", cfg.T)):
-        if key in meta and meta[key] != str(value):
+    for key, value in (("K", cfg.K), ("T", cfg.T), ("twig_T", cfg.twig_T), ("gate_T", cfg.gate_T)):
+        if key in meta and value is not None and meta[key] != str(value):
             raise QZoomError(f"{path / CONFIG_NAME} says {key}={value} but {WEIGHTS_NAME} was saved with "
                              f"{key}={meta[key]}; restore {key}={meta[key]} in {CONFIG_NAME}")
     tensors = _read_safetensors(path / WEIGHTS_NAME)
     _check_finite(tensors, path / WEIGHTS_NAME)
-    twig = _load_state(TwigRPN.from_backbone(model, cfg.K, cfg.T), _prefixed(tensors, "twig"), path, "twig") if cfg.has_twig else None
-    gate = _load_state(DynamicGate.from_backbone(model, cfg.K, cfg.T), _prefixed(tensors, "gate"), path, "gate") if cfg.has_gate else None
+    twig = gate = None
+    if cfg.has_twig:
+        twig = _load_state(TwigRPN.from_backbone(model, cfg.K, cfg.depth("twig")), _prefixed(tensors, "twig"), path, "twig")
+    if cfg.has_gate:
+        gate = _load_state(DynamicGate.from_backbone(model, cfg.K, cfg.depth("gate")), _prefixed(tensors, "gate"), path,
+                           "gate")
     return twig, gate, cfg.zoom
 
 
@@ -218,7 +329,7 @@ def _read_model_config(path: Path) -> dict:
 
 def load_model(path, **kwargs):
     """The HF model saved in folder `path` (its family's class, eval mode), with clear errors for bad folders."""
-    from qzoom_adapters.backbones import _compat
+    from qzoom_adapters import compat as _compat
 
     path = check_model_folder(path)
     spec_cls = spec_class_for(_read_model_config(path)["model_type"])

@@ -1,11 +1,13 @@
 """The gated two-pass decoder (SPEC §3.3), batched with per-sample decisions.
 
-Reads top to bottom: inputs -> pass A to layer K -> gate -> twig -> RoI box and crop ->
-RoI sequence and positions -> pass B reusing the cache of layers < K -> decode (the direct and the
-zoomed rows of a batch in one decode loop).
+Reads top to bottom like SPEC §3.3: inputs -> pass A to layer K (`trunk.py`) -> gate (`gate.py`) -> twig
+(`twig.py`) -> heatmap -> box -> crop (`roi.py`) -> RoI sequence, positions and batch layout (`positions.py`) ->
+pass B reusing the cache of layers < K -> decode (`decode.py`: the direct and the zoomed rows of a batch in one
+decode loop).
 """
 from __future__ import annotations
 
+import copy
 import numbers
 import threading
 import weakref
@@ -15,15 +17,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from qzoom_adapters.backbones import _compat
-from .config import ZoomConfig, as_zoom_config
+from qzoom_adapters import compat as _compat
+from .config import ZoomConfig, as_zoom_config, merge_zoom_config
 from .decode import Decoder, DecodeRows, eos_ids
 from .errors import QZoomError
 from .gate import DynamicGate
 from .images import source_images
 from .outputs import ZoomOutput
-from .positions import roi_sequence
-from .roi import Crop, box_to_pixels, check_grid_aspect, check_source_image, clip_box_to_grid, roi_from_heatmap
+from .positions import RoiBatch, RoiSequence, roi_batch
+from .roi import Crop, check_box, check_grid_aspect, check_source_image, crop_from_box, crop_from_heatmap, twig_region
 from .spec import get_spec
 from .timing import stage
 from .trunk import Prefill, Trunk
@@ -54,26 +56,29 @@ def _check_max_new_tokens(n) -> None:
 
 
 @dataclass
-class _RoiSeq:
-    """One zoomed sample's RoI sequence (unpadded) and where its pass-A prefix sits."""
+class _Regions:
+    """What the twig found for the zoom-wanting samples of a batch, keyed by batch row."""
 
-    pad: int  # left padding in pass A
-    P: int  # where the RoI block starts in the unpadded sequence: the cached prefix is [:P]
-    ids: torch.Tensor
-    pos: torch.Tensor
-    grid: torch.Tensor  # the crop's image_grid_thw
+    heatmaps: dict[int, torch.Tensor]  # (h_t, w_t) twig logits
+    blurred: dict[int, torch.Tensor]  # (h_t, w_t) blurred foreground map
+    crops: dict[int, Crop]  # only rows with a non-empty mask or a caller's box: these zoom
 
 
-def crop_from_heatmap(spec, logits, first_map, image, image_processor, cfg: ZoomConfig):
-    """SPEC §2 for one sample: (h_t, w_t) twig logits -> (blurred map, `Crop` of the source image or None)."""
-    sink = spec.sink_mask(*logits.shape, first_token_scores=first_map)
-    blur, box = roi_from_heatmap(logits, sink, cfg.roi_threshold, cfg.blur_kernel, cfg.blur_sigma)
-    if box is None:
-        return blur, None
-    box = clip_box_to_grid(box, logits.shape)
-    window = spec.source_window(image_processor, image.size)
-    box_px = box_to_pixels(box, tuple(logits.shape), image.size, cfg.min_crop_px, window)
-    return blur, Crop(box, box_px, image.convert("RGB").crop(box_px))
+@dataclass
+class _Group:
+    """Batch rows of one path ("direct" or "roi") ready to decode, with that path's layer kwargs."""
+
+    rows: list[int]
+    ready: DecodeRows
+    layer_kwargs: dict
+
+
+@dataclass
+class _Answer:
+    """One row's greedy tokens and the logits of its first decoding step."""
+
+    tokens: list[int]
+    first_logits: torch.Tensor
 
 
 class QZoom:
@@ -92,6 +97,9 @@ class QZoom:
         self.model = model
         self.processor = processor
         self.image_processor = image_processor or getattr(processor, "image_processor", None)
+        if twig is None and gate is None:
+            raise QZoomError("QZoom needs a twig and/or a gate: pass twig=TwigRPN.from_backbone(model, K, T) and/or "
+                             "gate=DynamicGate.from_backbone(model, K, T) (for plain generation call model.generate)")
         self.spec = get_spec(model)
         self.trunk = Trunk(self.spec)
         self.twig, self.gate = twig, gate
@@ -120,10 +128,7 @@ class QZoom:
 
     @property
     def K(self) -> int:
-        branch = self.twig or self.gate
-        if branch is None:
-            raise QZoomError("QZoom needs a twig and/or a gate")
-        return branch.K
+        return (self.twig or self.gate).K
 
     @property
     def config(self) -> ZoomConfig:
@@ -145,6 +150,16 @@ class QZoom:
     @property
     def position_mode(self) -> str:
         return self.config.position_mode
+
+    def with_config(self, config: ZoomConfig | dict | None = None, **overrides) -> "QZoom":
+        """A `QZoom` on the same model, adapters and decode buffers with other settings; this one is unchanged.
+
+        Only the fields `config` sets explicitly (`model_fields_set`, or a dict's keys) and the keyword `overrides`
+        replace this one's settings: `zoom.with_config(gate_threshold=0.0)` always zooms, everything else as is.
+        """
+        other = copy.copy(self)  # shares model, adapters, trunk, decoder and the per-model lock
+        other.config = merge_zoom_config(self.config, config, overrides)
+        return other
 
     @property
     def tokenizer(self):
@@ -183,12 +198,21 @@ class QZoom:
             return self.generate_from_inputs(inputs, images, max_new_tokens=max_new_tokens, return_trace=return_trace)
 
     def generate_from_inputs(self, inputs, images: list, max_new_tokens: int = 32, return_trace: bool = False,
-                             force_zoom: list[bool] | None = None):
+                             force_zoom: list[bool] | None = None, boxes: list | None = None):
         """Gated greedy answers for processed, left-padded `inputs`; `images` are the source images
         (PIL images or paths, as for `generate`), the full-resolution originals `inputs` were made from.
 
-        `force_zoom`: per-sample decisions that replace the gate's (the gate still runs and reports its
-        probability); for benchmarks and ablations. Serialized per model like `generate`.
+        Args:
+            force_zoom: per-sample decisions that replace the gate's (the gate still runs and reports its
+                probability); for benchmarks and ablations.
+            boxes: per sample, None (the twig finds the region) or a box `(x1, y1, x2, y2)` in the source image's
+                pixels that is cropped instead of the twig's: a forced box (oracle probes, benchmarks). A box implies
+                zooming that sample unless `force_zoom` says False for it, and needs no twig; ends are rounded
+                outwards to whole pixels and a side under `min_crop_px` grows like a twig box. Where a twig runs,
+                its heatmap is still computed and reported. The box's global-token box (`trace["bbox_tokens"]`,
+                used by aligned positions) is the grid cells it touches.
+
+        Serialized per model like `generate`.
         """
         _check_max_new_tokens(max_new_tokens)
         if not hasattr(inputs, "get") or inputs.get("input_ids") is None:
@@ -196,28 +220,43 @@ class QZoom:
         if inputs["input_ids"].shape[0] == 0:
             raise QZoomError("empty batch: inputs hold no samples")
         images = source_images(images)
+        boxes = self._check_boxes(boxes, images, inputs["input_ids"].shape[0])
         with self._lock:
-            return self._generate(inputs, images, max_new_tokens, return_trace, force_zoom)
+            return self._generate(inputs, images, max_new_tokens, return_trace, force_zoom, boxes)
 
     @torch.no_grad()
-    def _generate(self, inputs, images: list, max_new_tokens: int, return_trace: bool, force_zoom):
-        cfg = self.config
-        a = self._pass_a(inputs, images)
+    def _generate(self, inputs, images: list, max_new_tokens: int, return_trace: bool, force_zoom, boxes):
+        a = self._pass_a(inputs, images)  # pass A: vision + layers 0..K-1
         B = a.ids.shape[0]
-        gate_prob = self._gate(a)
-        want_zoom = self._zoom_decisions(gate_prob, B, force_zoom)
-        heatmaps, blurred, crops = self._twig_crops(a, images, want_zoom)
-
+        gate_prob = self._gate(a)  # gate on h^K
+        want_zoom = self._zoom_decisions(gate_prob, B, force_zoom, boxes)
+        regions = self._twig_crops(a, images, want_zoom, boxes)  # twig -> heatmap -> box -> crop
         groups, roi_seqs = {}, {}
-        if crops:
-            groups["roi"], roi_seqs = self._roi_pass(a, crops)
-        direct_rows = [i for i in range(B) if i not in crops or cfg.emit_direct]
-        if direct_rows:
+        if regions.crops:  # crop -> encode -> RoI sequence and positions -> pass B
+            groups["roi"], roi_seqs = self._roi_pass(a, regions.crops)
+        direct_rows = [i for i in range(B) if i not in regions.crops or self.config.emit_direct]
+        if direct_rows:  # layers K..L-1 on the same sequence
             groups["direct"] = self._direct_pass(a, direct_rows)
-        answers = self._decode(groups, max_new_tokens)
-        roi = {i: ans + (roi_seqs[i],) for i, ans in answers.get("roi", {}).items()}
-        direct = answers.get("direct", {})
-        return [self._output(i, a, gate_prob, heatmaps, blurred, crops, roi, direct, return_trace) for i in range(B)]
+        answers = self._decode(groups, max_new_tokens)  # every row in one loop
+        return [self._output(i, a, gate_prob, regions, answers.get("roi", {}), answers.get("direct", {}), roi_seqs,
+                             return_trace) for i in range(B)]
+
+    @staticmethod
+    def _check_boxes(boxes, images, B: int) -> list | None:
+        """A caller's `boxes`: one entry per sample, each None or a box inside its source image (checked before
+        any model work)."""
+        if boxes is None:
+            return None
+        boxes = list(boxes) if hasattr(boxes, "__len__") and not isinstance(boxes, (str, bytes)) else None
+        if boxes is None or (boxes and all(isinstance(b, numbers.Real) for b in boxes)):
+            raise QZoomError("boxes must be a list with one entry per sample, None or (x1, y1, x2, y2) in source "
+                             "pixels: for one sample pass [box]")
+        if len(boxes) != B:
+            raise QZoomError(f"boxes has {len(boxes)} entries for a batch of {B}")
+        for i, (box, image) in enumerate(zip(boxes, images)):
+            if box is not None:
+                check_box(box, image.size, i)
+        return boxes
 
     # --- pass A: vision + layers 0..K-1 --------------------------------------------------
     def _pass_a(self, inputs, images) -> Prefill:
@@ -243,48 +282,63 @@ class QZoom:
         with stage("gate"):
             return torch.sigmoid(self.gate.logits(self.spec, a.hK, a.kwargs, self.trunk))
 
-    def _zoom_decisions(self, gate_prob, B: int, force_zoom=None) -> list[bool]:
+    def _zoom_decisions(self, gate_prob, B: int, force_zoom=None, boxes=None) -> list[bool]:
+        """Per sample: `force_zoom` where given, else zoom where the caller gave a box, else the gate's decision."""
+        given = [b is not None for b in boxes] if boxes is not None else [False] * B
         if force_zoom is not None:
             if len(force_zoom) != B:
                 raise QZoomError(f"force_zoom has {len(force_zoom)} decisions for a batch of {B}")
-            if any(force_zoom) and self.twig is None:
-                raise QZoomError("force_zoom asks to zoom, but this QZoom has no twig to find the region")
+            if self.twig is None and any(z and not g for z, g in zip(force_zoom, given)):
+                raise QZoomError("force_zoom asks to zoom, but this QZoom has no twig to find the region (pass "
+                                 "boxes= for those samples)")
             return [bool(z) for z in force_zoom]
         if self.twig is None:
-            return [False] * B
-        if gate_prob is None:
-            return [True] * B
-        return (gate_prob >= self.config.gate_threshold).tolist()
+            gated = [False] * B
+        elif gate_prob is None:
+            gated = [True] * B
+        else:
+            gated = (gate_prob >= self.config.gate_threshold).tolist()
+        return [g or z for g, z in zip(given, gated)]
 
-    # --- twig -> box -> crop ---------------------------------------------------------------
-    def _twig_crops(self, a: Prefill, images, want_zoom):
-        heatmaps, blurred, crops = {}, {}, {}
-        if not any(want_zoom):
-            return heatmaps, blurred, crops
+    # --- twig -> heatmap -> box -> crop (roi.py) -------------------------------------------------
+    def _twig_crops(self, a: Prefill, images, want_zoom, boxes=None) -> _Regions:
+        found = _Regions({}, {}, {})
+        rows = [i for i, z in enumerate(want_zoom) if z]
+        if not rows:
+            return found
+        boxes = boxes or [None] * len(want_zoom)
+        cfg, spec = self.config, self.spec
         with stage("twig"):
-            cfg, spec = self.config, self.spec
-            rows = [i for i, z in enumerate(want_zoom) if z]
-            sel = torch.tensor(rows, device=a.ids.device)
-            first = a.mask[sel].argmax(dim=1)  # first real token (left padding)
-            scores, first_scores = self.twig.query_scores(spec, a.hK[sel], a.rows_kwargs(self.trunk, sel), self.trunk,
-                                                          first)
-            maps = [m.cpu() for m in a.image_logits(scores, spec.image_token_id, spec, rows)]
-            first_maps = [m.cpu() for m in a.image_logits(first_scores, spec.image_token_id, spec, rows)]
+            if self.twig is not None:
+                sel = torch.tensor(rows, device=a.ids.device)
+                first = a.mask[sel].argmax(dim=1)  # first real token (left padding)
+                scores, first_scores = self.twig.query_scores(spec, a.hK[sel], a.rows_kwargs(self.trunk, sel),
+                                                              self.trunk, first)
+                maps = [m.cpu() for m in a.image_logits(scores, spec.image_token_id, spec, rows)]
+                first_maps = [m.cpu() for m in a.image_logits(first_scores, spec.image_token_id, spec, rows)]
             for j, i in enumerate(rows):
+                if boxes[i] is not None:  # the caller's box replaces the twig's
+                    if self.twig is not None:
+                        found.heatmaps[i], found.blurred[i] = maps[j], twig_region(spec, maps[j], first_maps[j], cfg)[0]
+                    grid = spec.token_grid(a.grid[i])
+                    found.crops[i] = crop_from_box(spec, boxes[i], grid, images[i], self.image_processor,
+                                                   cfg.min_crop_px, i)
+                    continue
                 blur, crop = crop_from_heatmap(spec, maps[j], first_maps[j], images[i], self.image_processor, cfg)
-                heatmaps[i], blurred[i] = maps[j], blur
+                found.heatmaps[i], found.blurred[i] = maps[j], blur
                 if crop is not None:  # an empty mask answers directly
-                    crops[i] = crop
-        return heatmaps, blurred, crops
+                    found.crops[i] = crop
+        return found
 
     # --- direct path: layers K..L-1 on the same sequence ------------------------------------
-    def _direct_pass(self, a: Prefill, rows: list[int]) -> tuple[list[int], DecodeRows, dict]:
+    def _direct_pass(self, a: Prefill, rows: list[int]) -> _Group:
         with stage("direct_pass"):
             if len(rows) == a.ids.shape[0]:  # the whole batch: continue on pass A's own cache
-                return rows, self._finish(a.hK, a.kwargs, a.cache, a.mask, a.pos), a.kwargs
+                return _Group(rows, self._finish(a.hK, a.kwargs, a.cache, a.mask, a.pos), a.kwargs)
             sel = torch.tensor(rows, device=a.ids.device)
             kwargs = a.rows_kwargs(self.trunk, sel)
-            return rows, self._finish(a.hK[sel], kwargs, a.rows_cache(sel, self.K), a.mask[sel], a.pos[:, sel]), kwargs
+            return _Group(rows, self._finish(a.hK[sel], kwargs, a.rows_cache(sel, self.K), a.mask[sel], a.pos[:, sel]),
+                          kwargs)
 
     def _finish(self, hK, kwargs, cache, mask, pos) -> DecodeRows:
         """Layers K..L-1 over the whole sequence (filling `cache`); the rows' first logits and cache."""
@@ -293,21 +347,18 @@ class QZoom:
         return DecodeRows.from_cache(first, mask, pos[:, :, -1], cache, len(self.spec.layers))
 
     # --- decode: every row of the batch in one loop --------------------------------------------
-    def _decode(self, groups: dict, max_new_tokens: int) -> dict:
-        """Greedy tokens for every group's rows in one loop: {group: {row: (tokens, first logits)}}."""
-        template = next(iter(groups.values()))[2]  # layer kwargs of a prefill: their form for this version
-        tokens = iter(self.decoder.greedy([rows for _, rows, _ in groups.values()], max_new_tokens,
+    def _decode(self, groups: dict[str, _Group], max_new_tokens: int) -> dict[str, dict[int, _Answer]]:
+        """Greedy tokens for every group's rows in one loop: {group name: {batch row: answer}}."""
+        template = next(iter(groups.values())).layer_kwargs  # layer kwargs of a prefill: their form for this version
+        tokens = iter(self.decoder.greedy([g.ready for g in groups.values()], max_new_tokens,
                                           eos_ids(self.model), template, self.config.decode))
-        return {name: {i: (next(tokens), rows.first[n]) for n, i in enumerate(idx)}
-                for name, (idx, rows, _) in groups.items()}
+        return {name: {i: _Answer(next(tokens), g.ready.first[n]) for n, i in enumerate(g.rows)}
+                for name, g in groups.items()}
 
     # --- RoI path ------------------------------------------------------------------------------
-    def _roi_pass(self, a: Prefill, crops: dict) -> tuple[tuple[list[int], DecodeRows, dict], dict]:
-        """Pass B for the zoomed samples, batched with the prefixes kept at their pass-A columns.
-
-        Layout per sample: [left pad | prefix (cached) | middle pad | suffix]; every prefix ends
-        by column C and every suffix ends at the last column, so the suffix block is shared.
-        """
+    def _roi_pass(self, a: Prefill, crops: dict[int, Crop]) -> tuple[_Group, dict[int, RoiSequence]]:
+        """Pass B for the zoomed samples, batched with the prefixes kept at their pass-A columns
+        (`positions.roi_batch` lays them out); the group to decode and each row's RoI sequence."""
         spec = self.spec
         rows = sorted(crops)
         if self.image_processor is None:
@@ -333,72 +384,56 @@ class QZoom:
         return {k: torch.cat([part[k] for part in parts]).to(device, non_blocking=True) for k in parts[0]}
 
     def _roi_layers(self, a: Prefill, rows: list[int], crops: dict, enc: dict, roi_feats):
-        spec, mode = self.spec, self.position_mode
-        seqs = []
-        for j, i in enumerate(rows):
-            valid = a.mask[i].bool()
-            grid = enc["image_grid_thw"][j]
-            ids, pos, at = roi_sequence(spec, a.ids[i][valid], a.pos[:, i][:, valid], spec.token_grid(grid),
-                                        crops[i].box_tok, mode)
-            seqs.append(_RoiSeq(pad=int((~valid).sum()), P=at, grid=grid, ids=ids, pos=pos))
-        C = max(q.pad + q.P for q in seqs)  # every cached prefix ends by column C
-        L = max(q.ids.shape[0] - q.P for q in seqs)  # longest suffix [P:]
-        n, dev = len(rows), a.ids.device
-        ids = torch.zeros(n, C + L, dtype=a.ids.dtype, device=dev)
-        mask = torch.zeros(n, C + L, dtype=a.mask.dtype, device=dev)
-        pos = torch.zeros(a.pos.shape[0], n, C + L, dtype=torch.float32, device=dev)
-        sel = torch.tensor(rows, device=dev)
-        ids[:, :C] = a.ids[sel, :C]
-        pos[:, :, :C] = a.pos[:, sel, :C].float()
-        for j, q in enumerate(seqs):
-            start = C + L - (q.ids.shape[0] - q.P)
-            mask[j, q.pad : q.pad + q.P] = 1
-            mask[j, start:] = 1
-            ids[j, start:] = q.ids[q.P :]
-            pos[:, j, start:] = q.pos[:, q.P :].to(dev)
-        if mode == "sequential":
-            pos = pos.round().long()  # integral in this mode; keep the backbone's own dtype
-        suffix_embeds = self.trunk.embed(ids[:, C:], roi_feats.embeds)
-        extra = spec.decoder_inputs(ids[:, C:] == spec.image_token_id, roi_feats)
+        spec = self.spec
+        lay: RoiBatch = roi_batch(spec, a.ids, a.mask, a.pos, rows, enc["image_grid_thw"],
+                                  [crops[i].box_tok for i in rows], self.position_mode)
+        C, sel = lay.C, torch.tensor(rows, device=a.ids.device)
+        # layers 0..K-1 on the new suffix [C:] only: the prefix rows come from pass A's cache
+        suffix_embeds = self.trunk.embed(lay.ids[:, C:], roi_feats.embeds)
+        extra = spec.decoder_inputs(lay.ids[:, C:] == spec.image_token_id, roi_feats)
         cache = a.rows_cache(sel, self.K, upto=C)
-        hK_suffix, _ = self.trunk.forward_to(self.K, suffix_embeds, mask, pos[:, :, C:], cache, extra)
+        hK_suffix, _ = self.trunk.forward_to(self.K, suffix_embeds, lay.mask, lay.pos[:, :, C:], cache, extra)
+        # layers K..L-1 over the whole new sequence, prefix rows from h^K[:, :C]
         hK = torch.cat([a.hK[sel, :C], hK_suffix], dim=1)
         embeds = torch.cat([a.embeds[sel, :C], suffix_embeds], dim=1)
-        kwargs = self.trunk.layer_kwargs(embeds, mask, pos)
-        return (rows, self._finish(hK, kwargs, cache, mask, pos), kwargs), dict(zip(rows, seqs))
+        kwargs = self.trunk.layer_kwargs(embeds, lay.mask, lay.pos)
+        return _Group(rows, self._finish(hK, kwargs, cache, lay.mask, lay.pos), kwargs), dict(zip(rows, lay.seqs))
 
     # --- per-sample output ---------------------------------------------------------------------
-    def _output(self, i, a: Prefill, gate_prob, heatmaps, blurred, crops, roi, direct, return_trace) -> ZoomOutput:
+    def _output(self, i, a: Prefill, gate_prob, regions: _Regions, roi: dict[int, _Answer],
+                direct: dict[int, _Answer], roi_seqs: dict[int, RoiSequence], return_trace) -> ZoomOutput:
         zoomed = i in roi
-        d_tokens, d_first = direct.get(i, (None, None))
-        r_tokens, r_first = roi[i][:2] if zoomed else (None, None)
-        tokens, first = (r_tokens, r_first) if zoomed else (d_tokens, d_first)
+        d = direct.get(i)
+        r = roi.get(i)
+        answer = r if zoomed else d
+        seq = roi_seqs.get(i)
+        crop = regions.crops.get(i)
         n_global = int((a.ids[i] == self.spec.image_token_id).sum())
-        n_roi = int((roi[i][2].ids == self.spec.image_token_id).sum()) - n_global if zoomed else 0  # ids hold both
+        n_roi = int((seq.ids == self.spec.image_token_id).sum()) - n_global if zoomed else 0  # ids hold both
         out = ZoomOutput(
-            tokens=tokens,
-            text=self._detokenize(tokens),
+            tokens=answer.tokens,
+            text=self._detokenize(answer.tokens),
             zoomed=zoomed,
             gate_prob=None if gate_prob is None else float(gate_prob[i]),
-            heatmap=heatmaps.get(i),
-            bbox=crops[i].box_px if zoomed else None,
+            heatmap=regions.heatmaps.get(i),
+            bbox=crop.box_px if zoomed else None,
             visual_tokens=n_global + n_roi,
-            direct_tokens=d_tokens,
-            roi_tokens=r_tokens,
-            direct_text=self._detokenize(d_tokens),
+            direct_tokens=d.tokens if d else None,
+            roi_tokens=r.tokens if r else None,
+            direct_text=self._detokenize(d.tokens if d else None),
         )
         if return_trace:
             out.trace = {
-                "heatmap_logits": heatmaps.get(i),
-                "blurred_map": blurred.get(i),
+                "heatmap_logits": regions.heatmaps.get(i),
+                "blurred_map": regions.blurred.get(i),
                 "gate_prob": out.gate_prob,
-                "bbox_tokens": crops[i].box_tok if i in crops else None,
-                "bbox_pixels": crops[i].box_px if i in crops else None,
-                "roi_image_grid_thw": roi[i][2].grid.cpu() if zoomed else None,
-                "roi_input_ids": roi[i][2].ids.cpu() if zoomed else None,
-                "roi_position_ids": roi[i][2].pos.float().cpu() if zoomed else None,
-                "first_logits": None if first is None else first.cpu(),
-                "direct_first_logits": None if d_first is None else d_first.cpu(),
+                "bbox_tokens": crop.box_tok if crop else None,
+                "bbox_pixels": crop.box_px if crop else None,
+                "roi_image_grid_thw": seq.grid.cpu() if zoomed else None,
+                "roi_input_ids": seq.ids.cpu() if zoomed else None,
+                "roi_position_ids": seq.pos.float().cpu() if zoomed else None,
+                "first_logits": answer.first_logits.cpu(),
+                "direct_first_logits": d.first_logits.cpu() if d else None,
             }
         return out
 
@@ -410,19 +445,25 @@ class QZoom:
 
     # --- save / load ---------------------------------------------------------------------------
     def save_pretrained(self, path):
-        """Write `adapter_config.json` + `adapter_model.safetensors` (adapters only)."""
+        """Write `adapter_config.json` + `adapter_model.safetensors` (adapters only, with the base model's name,
+        revision, model_type and depth) and a model card `README.md`; a README.md the user wrote is kept."""
         from .io import save_adapters
 
         return save_adapters(path, self.model, self.twig, self.gate, self.config)
 
     @classmethod
     def from_pretrained(cls, path, model, processor=None, *, image_processor=None, config=None, **overrides):
-        """Adapters from `path` attached to `model`; `config` or keyword overrides replace saved settings."""
+        """Adapters from `path` attached to `model`.
+
+        Saved settings hold unless the caller sets them: the fields `config` sets explicitly (its
+        `model_fields_set`, or a dict's keys), then keyword `overrides`, replace the saved values; fields left at
+        their defaults do not (a saved `position_mode="sequential"` survives `config=ZoomConfig(gate_threshold=0.5)`).
+        """
         from .io import load_adapters
 
         twig, gate, saved = load_adapters(path, model)
         return cls(model, processor, twig=twig, gate=gate, image_processor=image_processor,
-                   config=_merge_config(saved.model_dump(), config, overrides))
+                   config=merge_zoom_config(saved, config, overrides))
 
     @classmethod
     def from_reference_checkpoint(cls, path, processor=None, *, image_processor=None, config=None,
@@ -432,13 +473,5 @@ class QZoom:
 
         model, twig, gate, fields = load_reference_checkpoint(path, torch_dtype=torch_dtype, device=device)
         return cls(model, processor, twig=twig, gate=gate, image_processor=image_processor,
-                   config=_merge_config({**ZoomConfig().model_dump(), **fields}, config, overrides))
+                   config=merge_zoom_config({**ZoomConfig().model_dump(), **fields}, config, overrides))
 
-
-def _merge_config(base: dict, config: ZoomConfig | dict | None, overrides: dict) -> ZoomConfig:
-    if config is not None:
-        base = as_zoom_config(config).model_dump()
-    unknown = set(overrides) - set(ZoomConfig.model_fields)
-    if unknown:
-        raise QZoomError(f"unknown ZoomConfig fields {sorted(unknown)}; valid: {sorted(ZoomConfig.model_fields)}")
-    return as_zoom_config({**base, **overrides})

@@ -1,5 +1,7 @@
-"""The RoI sequence and its position ids (SPEC §3.1-§3.2)."""
+"""The RoI sequence and its position ids (SPEC §3.1-§3.2), and the batched layout of pass B (SPEC §3.3)."""
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -71,3 +73,59 @@ def roi_sequence(spec, ids: torch.Tensor, pos: torch.Tensor, roi_grid: tuple[int
     new_ids = roi_input_ids(ids, at, h_r * w_r, spec.image_token_id, spec.vision_start_id, spec.vision_end_id)
     new_pos = roi_position_ids(pos, at, s0, roi_grid, box_tok, mode, markers=spec.vision_start_id is not None)
     return new_ids, new_pos, at
+
+
+@dataclass
+class RoiSequence:
+    """One zoomed sample's RoI sequence (unpadded) and where its pass-A prefix sits."""
+
+    pad: int  # left padding in pass A
+    P: int  # where the RoI block starts in the unpadded sequence: the cached prefix is [:P]
+    ids: torch.Tensor  # (S',) input ids with the RoI block
+    pos: torch.Tensor  # (axes, S') float positions
+    grid: torch.Tensor  # the crop's image_grid_thw row
+
+
+@dataclass
+class RoiBatch:
+    """The zoomed samples of a batch laid out for pass B, one row each:
+    `[left pad | prefix (cached, at its pass-A columns) | middle pad | suffix]`. Every prefix ends by column `C`
+    and every suffix ends at the last column, so the suffix block `[:, C:]` is shared and pass B runs on it alone.
+    """
+
+    seqs: list[RoiSequence]
+    C: int
+    ids: torch.Tensor  # (n, C + L)
+    mask: torch.Tensor  # (n, C + L)
+    pos: torch.Tensor  # (axes, n, C + L): float32 for aligned positions, the backbone's integers for sequential
+
+
+def roi_batch(spec, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, rows: list[int], grids, box_toks,
+              mode: str) -> RoiBatch:
+    """Pass B's inputs for batch `rows` of pass A (`ids`, `mask` (B, S), `pos` (axes, B, S), left-padded), each
+    with its crop's `grids[j]` (image_grid_thw row) and global-token box `box_toks[j]`."""
+    seqs = []
+    for j, i in enumerate(rows):
+        valid = mask[i].bool()
+        grid = grids[j]
+        new_ids, new_pos, at = roi_sequence(spec, ids[i][valid], pos[:, i][:, valid], spec.token_grid(grid),
+                                            box_toks[j], mode)
+        seqs.append(RoiSequence(pad=int((~valid).sum()), P=at, grid=grid, ids=new_ids, pos=new_pos))
+    C = max(q.pad + q.P for q in seqs)  # every cached prefix ends by column C
+    L = max(q.ids.shape[0] - q.P for q in seqs)  # longest suffix [P:]
+    n, dev = len(rows), ids.device
+    out_ids = torch.zeros(n, C + L, dtype=ids.dtype, device=dev)
+    out_mask = torch.zeros(n, C + L, dtype=mask.dtype, device=dev)
+    out_pos = torch.zeros(pos.shape[0], n, C + L, dtype=torch.float32, device=dev)
+    sel = torch.tensor(rows, device=dev)
+    out_ids[:, :C] = ids[sel, :C]
+    out_pos[:, :, :C] = pos[:, sel, :C].float()
+    for j, q in enumerate(seqs):
+        start = C + L - (q.ids.shape[0] - q.P)
+        out_mask[j, q.pad : q.pad + q.P] = 1
+        out_mask[j, start:] = 1
+        out_ids[j, start:] = q.ids[q.P :]
+        out_pos[:, j, start:] = q.pos[:, q.P :].to(dev)
+    if mode == "sequential":
+        out_pos = out_pos.round().long()  # integral in this mode; keep the backbone's own dtype
+    return RoiBatch(seqs, C, out_ids, out_mask, out_pos)

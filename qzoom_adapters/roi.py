@@ -1,6 +1,12 @@
-"""From heatmap to crop (SPEC §2): sigmoid, sink mask, blur, threshold, box, pixels, 28-px rule."""
+"""From heatmap to crop (SPEC §2): sigmoid, sink mask, blur, threshold, box, pixels, 28-px rule.
+
+`crop_from_heatmap` is the whole step for one sample; `crop_from_box` is the same crop for a box given in source
+pixels (the `boxes=` seam of `QZoom.generate_from_inputs`).
+"""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +92,74 @@ def roi_from_heatmap(logits: torch.Tensor, sink: torch.Tensor, roi_threshold: fl
     return blurred, token_box(blurred > roi_threshold)
 
 
+def twig_region(spec, logits: torch.Tensor, first_map, cfg) -> tuple[torch.Tensor, tuple | None]:
+    """(h_t, w_t) twig logits -> (blurred map, token box clipped to the grid, or None for an empty mask)."""
+    sink = spec.sink_mask(*logits.shape, first_token_scores=first_map)
+    blur, box = roi_from_heatmap(logits, sink, cfg.roi_threshold, cfg.blur_kernel, cfg.blur_sigma)
+    return blur, None if box is None else clip_box_to_grid(box, logits.shape)
+
+
+def crop_tokens(spec, box_tok, grid_hw, image, image_processor, min_side: int) -> Crop:
+    """The `Crop` of the source `image` that token box `box_tok` of a (h_t, w_t) grid covers (28-px rule)."""
+    window = spec.source_window(image_processor, image.size)
+    box_px = box_to_pixels(box_tok, tuple(grid_hw), image.size, min_side, window)
+    return Crop(box_tok, box_px, image.convert("RGB").crop(box_px))
+
+
+def crop_from_heatmap(spec, logits, first_map, image, image_processor, cfg):
+    """SPEC §2 for one sample: (h_t, w_t) twig logits -> (blurred map, `Crop` of the source image or None)."""
+    blur, box = twig_region(spec, logits, first_map, cfg)
+    if box is None:
+        return blur, None
+    return blur, crop_tokens(spec, box, logits.shape, image, image_processor, cfg.min_crop_px)
+
+
+def check_box(box, image_size, index: int = 0) -> tuple[float, float, float, float]:
+    """A caller's (x1, y1, x2, y2) source-pixel box: four finite numbers with x1 < x2, y1 < y2 inside the image."""
+    W, H = image_size
+    if isinstance(box, (str, bytes)) or not hasattr(box, "__len__") or len(box) != 4 or not all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in box):
+        raise QZoomError(f"boxes[{index}] must be None or (x1, y1, x2, y2) in source pixels, got {box!r}")
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if not (0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H):
+        raise QZoomError(f"boxes[{index}] = {tuple(box)} is not a box inside the {W}x{H} px source image "
+                         "(needs 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height)")
+    return x1, y1, x2, y2
+
+
+def pixels_to_token_box(box_px, grid_hw, image_size, window=None) -> tuple[int, int, int, int]:
+    """Source-pixel box -> the (x1, y1, x2, y2) token box (exclusive ends) of the grid cells it overlaps by more
+    than a pixel (the slack absorbs whole-pixel rounding, so `box_to_pixels` output maps back to its token box),
+    at least one cell, within the grid. `window` as for `box_to_pixels` (the source region the grid spans)."""
+    h_t, w_t = (int(v) for v in grid_hw)
+    x0, y0, x1w, y1w = window if window is not None else (0.0, 0.0, float(image_size[0]), float(image_size[1]))
+    sx, sy = (x1w - x0) / w_t, (y1w - y0) / h_t
+    px1, py1, px2, py2 = box_px
+
+    def side(lo: float, hi: float, origin: float, scale: float, n: int) -> tuple[int, int]:
+        a = min(max(math.floor((lo - origin + 1) / scale), 0), n - 1)
+        b = min(max(math.ceil((hi - origin - 1) / scale), a + 1), n)
+        return a, b
+
+    tx1, tx2 = side(px1, px2, x0, sx, w_t)
+    ty1, ty2 = side(py1, py2, y0, sy, h_t)
+    return tx1, ty1, tx2, ty2
+
+
+def crop_from_box(spec, box, grid_hw, image, image_processor, min_side: int, index: int = 0) -> Crop:
+    """The `Crop` for a caller's source-pixel box: that box (ends rounded outwards to whole pixels), grown to
+    `min_side` px like a twig box; its token box (for aligned positions) is the grid cells it touches."""
+    x1, y1, x2, y2 = check_box(box, image.size, index)
+    W, H = image.size
+    _check_size(W, H, min_side)
+    px1, px2 = _grow_side(math.floor(x1), math.ceil(x2), W, min_side)
+    py1, py2 = _grow_side(math.floor(y1), math.ceil(y2), H, min_side)
+    box_px = int(px1), int(py1), int(px2), int(py2)
+    window = spec.source_window(image_processor, image.size)
+    box_tok = pixels_to_token_box(box_px, grid_hw, image.size, window)
+    return Crop(box_tok, box_px, image.convert("RGB").crop(box_px))
+
+
 def check_source_image(image, min_side: int) -> None:
     _check_size(*image.size, min_side)
 
@@ -120,4 +194,5 @@ def clip_box_to_grid(box_tok, grid_hw):
 
 
 __all__ = ["Crop", "gaussian_blur", "token_box", "box_to_pixels", "roi_from_heatmap", "check_source_image",
-           "check_grid_aspect", "clip_box_to_grid"]
+           "check_grid_aspect", "clip_box_to_grid", "twig_region", "crop_tokens", "crop_from_heatmap", "check_box",
+           "pixels_to_token_box", "crop_from_box"]

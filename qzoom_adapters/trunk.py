@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qzoom_adapters.backbones import _compat
+from qzoom_adapters import compat as _compat
 from .errors import QZoomError
 from .hooks import run_until
 from .spec import VisualFeatures

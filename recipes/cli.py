@@ -104,6 +104,37 @@ def _load_processor(folder):
                          "processor was saved to") from None
 
 
+_DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _device_dtype(device: str, dtype: str):
+    """`--device` and `--dtype` as torch objects, checked before anything loads: cpu, cuda, cuda:N or auto
+    (cuda if available, else cpu); auto dtype is bfloat16 on CUDA and float32 on the CPU."""
+    import re
+
+    import torch
+
+    from qzoom_adapters.errors import QZoomError
+
+    text = (device or "auto").strip().lower()
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise QZoomError(f"--device {device!r} is not cpu, cuda, cuda:N or auto")
+    if text == "auto":
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(text)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise QZoomError(f"--device {device}: no CUDA device is available here; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise QZoomError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    if dtype not in _DTYPE_CHOICES:
+        raise QZoomError(f"--dtype {dtype!r} is not one of {', '.join(_DTYPE_CHOICES)}")
+    if dtype == "auto":
+        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
+    return dev, getattr(torch, dtype)
+
+
 def _infer(args) -> int:
     import qzoom_adapters as qz
     from qzoom_adapters.config import as_zoom_config
@@ -112,6 +143,8 @@ def _infer(args) -> int:
     from qzoom_adapters.io import check_model_folder, load_model
     from qzoom_adapters.viz import heatmap_overlay
 
+    from .models import batch_to
+
     # every argument is checked before the (slow) model load
     if args.reference and (args.model or args.adapters):
         raise QZoomError("give either --reference or --model with --adapters, not both")
@@ -119,6 +152,9 @@ def _infer(args) -> int:
         raise QZoomError("give --model and --adapters, or --reference")
     if args.max_new_tokens < 1:
         raise QZoomError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.budget is not None and args.budget < 1:
+        raise QZoomError(f"--budget must be at least 1 visual token, got {args.budget}")
+    device, dtype = _device_dtype(args.device, args.dtype)
     overrides = {k: v for k, v in (("gate_threshold", args.gate_threshold), ("roi_threshold", args.roi_threshold),
                                    ("position_mode", args.position_mode)) if v is not None}
     as_zoom_config(overrides)  # a bad threshold fails here, in one line
@@ -133,10 +169,22 @@ def _infer(args) -> int:
                              else f"adapter folder {args.adapters} is not a folder")
     processor = _load_processor(args.processor or args.model or args.reference)
     if args.reference:
-        zoom = qz.QZoom.from_reference_checkpoint(args.reference, processor, **overrides)
+        zoom = qz.QZoom.from_reference_checkpoint(args.reference, processor, torch_dtype=dtype, device=device,
+                                                  **overrides)
     else:
-        zoom = qz.QZoom.from_pretrained(args.adapters, load_model(args.model), processor, **overrides)
-    out = zoom.generate([image], [args.question], max_new_tokens=args.max_new_tokens)[0]
+        zoom = qz.QZoom.from_pretrained(args.adapters, load_model(args.model, dtype=dtype), processor, **overrides)
+    for module in (zoom.model, zoom.twig, zoom.gate):
+        if module is not None:
+            module.to(device, dtype)
+    pixels = None
+    if args.budget is not None:  # the global view (and the crop) at `--budget` visual tokens: min = max pixels
+        pixels = zoom.spec.budget_pixels(args.budget)
+        if pixels is None:
+            raise QZoomError(f"the {zoom.spec.family} family reads every image at one fixed size; --budget does "
+                             "not apply to it")
+        zoom.config = zoom.config.model_copy(update={"crop_min_pixels": pixels, "crop_max_pixels": pixels})
+    inputs = batch_to(zoom.spec.chat_inputs(processor, [image], [args.question], pixels=pixels), device)
+    out = zoom.generate_from_inputs(inputs, [image], max_new_tokens=args.max_new_tokens)[0]
     gate = "n/a" if out.gate_prob is None else f"{out.gate_prob:.3f}"
     print(f"gate={gate} zoomed={out.zoomed} box={out.bbox} visual_tokens={out.visual_tokens}")
     print(out.text)
@@ -243,14 +291,13 @@ e.g. --set stage1.train.max_steps=100 --set model.dtype=bfloat16 (values are YAM
 
 def _recipe_args(p, example: str) -> None:
     p.description = f"{p.description}\n\nExample (tiny, CPU; first `qzoom tiny --out tiny`):\n  {example}\n\n{_RECIPE_HELP}"
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--config", required=True, help="recipe YAML (see recipes/configs/)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qzoom", description="Q-Zoom adapters for Hugging Face MLLMs")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, help="run `qzoom COMMAND --help` for its options")
     d = sub.add_parser("demo", help="answer ZoomWorld test questions with the shipped default (CPU, no download)",
                        description="Example: qzoom demo --out qzoom-demo")
     d.add_argument("--model", help="a ZoomWorld default folder: model/ + adapters (default: the shipped "
@@ -259,7 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--budget", type=int, default=64, help="visual tokens for the global view and for the crop")
     d.add_argument("--out", default="qzoom-demo", help="folder for the per-sample PNGs and summary.json")
     d.add_argument("--seed", type=int, default=0, help="first test-split scene (TEST_SEED + seed)")
-    d.add_argument("--max-new-tokens", type=int, default=8)
+    d.add_argument("--max-new-tokens", type=int, default=8, help="longest answer, in tokens")
     d.add_argument("--overwrite", action="store_true",
                    help="write over sample_*.png / summary.json in --out that an earlier demo did not write")
     d.set_defaults(func=_demo)
@@ -270,29 +317,38 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model", help="HF model folder the adapters belong to")
     i.add_argument("--reference", help="a released Q-Zoom checkpoint folder (instead of --model/--adapters)")
     i.add_argument("--processor", help="processor folder (default: the model folder)")
-    i.add_argument("--image", required=True)
-    i.add_argument("--question", required=True)
+    i.add_argument("--image", required=True, help="the image file (PNG, JPEG, ...)")
+    i.add_argument("--question", required=True, help="the question about the image")
     i.add_argument("--heatmap", help="write the image with heatmap and box to this PNG (its folder must exist)")
     i.add_argument("--overwrite", action="store_true", help="let --heatmap replace an existing file (never the "
                                                              "input image)")
-    i.add_argument("--gate-threshold", type=float)
-    i.add_argument("--roi-threshold", type=float)
-    i.add_argument("--position-mode", choices=["aligned", "sequential"])
-    i.add_argument("--max-new-tokens", type=int, default=32)
+    i.add_argument("--gate-threshold", type=float, help="zoom when the gate's probability is at least this "
+                                                         "(default: the adapters' saved value)")
+    i.add_argument("--roi-threshold", type=float, help="heatmap level that bounds the crop box (default: the "
+                                                        "adapters' saved value)")
+    i.add_argument("--position-mode", choices=["aligned", "sequential"],
+                   help="positions of the crop's tokens (default: the adapters' saved value, else the backbone's)")
+    i.add_argument("--budget", type=int, help="visual tokens of the global view, and of the crop (min = max pixels "
+                                              "for that many tokens; default: the processor's own setting)")
+    i.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda if available, else cpu)")
+    i.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16 "
+                                                   "or float16")
+    i.add_argument("--max-new-tokens", type=int, default=32, help="longest answer, in tokens")
     i.set_defaults(func=_infer)
 
     t = sub.add_parser("tiny", help="write a tiny random model, synthetic records and a recipe to try the recipes on",
                        description="Example: qzoom tiny --out tiny", formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("--out", required=True)
+    t.add_argument("--out", required=True, help="a new or empty folder for model/, images/, records.jsonl and "
+                                                 "recipe.yaml")
     t.add_argument("--family", default="qwen2_5_vl", help="qwen2_5_vl | qwen2_vl | qwen3_vl | llava")
-    t.add_argument("--samples", type=int, default=8)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--samples", type=int, default=8, help="synthetic records (images with questions) to write")
+    t.add_argument("--seed", type=int, default=0, help="seed of the random model and the synthetic scenes")
     t.add_argument("--overwrite", action="store_true",
                    help="write into a non-empty --out, replacing its model/, images/, records.jsonl and recipe.yaml")
     t.set_defaults(func=_tiny)
 
     lab = sub.add_parser("labels", help="build training data: stage-1 attention labels or stage-3 budget answers")
-    lab_sub = lab.add_subparsers(dest="stage", required=True)
+    lab_sub = lab.add_subparsers(dest="stage", required=True, help="which labels")
     for stage, desc in (("stage1", "Stage-1 pseudo-labels: teacher responses at the fixed grid and their attention "
                                    "at the configured (layer, head) pairs (SPEC 4.1); sharded, resumable."),
                         ("stage3", "Stage-3 answers: greedy answers at each visual-token budget (SPEC 4.4); "
@@ -308,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(func=_mine)
 
     tr = sub.add_parser("train", help="train a stage: stage1 (twig), stage2 (post-SFT), stage3 (gate)")
-    tr_sub = tr.add_subparsers(dest="stage", required=True)
+    tr_sub = tr.add_subparsers(dest="stage", required=True, help="which stage")
     for stage, desc in (("stage1", "Train the twig on stage-1 labels; only layers < K and the twig run."),
                         ("stage2", "Post-SFT of the LLM (or LoRA) on global + RoI sequences; loss on answers."),
                         ("stage3", "Train the gate on consistency-aware labels; only layers < K and the gate run.")):
@@ -330,14 +386,14 @@ def build_parser() -> argparse.ArgumentParser:
     h.set_defaults(func=_heads)
 
     bench = sub.add_parser("bench", help="benchmarks: `qzoom bench zoomworld`, `qzoom bench speed`")
-    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    bench_sub = bench.add_subparsers(dest="bench", required=True, help="which benchmark")
     bz = bench_sub.add_parser("zoomworld", help="accuracy, visual tokens and latency on ZoomWorld: plain vs Q-Zoom",
                               description="Baseline at 64-1024 visual tokens and Q-Zoom at 64-256 on the ZoomWorld "
                                           "test split; writes a JSON report, a Markdown table and a Pareto plot. "
                                           "Example: qzoom bench zoomworld --n 300")
     bz.add_argument("--model", help="default folder (default: the shipped benchmarks/zoomworld/default)")
     bz.add_argument("--n", type=int, help="test samples (default 300; 8 with --quick)")
-    bz.add_argument("--batch-size", type=int, default=16)
+    bz.add_argument("--batch-size", type=int, default=16, help="samples per generate call")
     bz.add_argument("--out", help="JSON report, with its .md and .png beside it (default: "
                                   "./qzoom-bench/zoomworld_bench.json in the current directory; pass "
                                   "benchmarks/results/zoomworld_bench.json to update the committed results)")
@@ -365,7 +421,30 @@ def build_parser() -> argparse.ArgumentParser:
                                   "committed results)")
     bs.add_argument("--device", help="default: cuda if available, else cpu")
     bs.set_defaults(func=_bench_speed)
+    for parser in _parsers(p):
+        parser.formatter_class = _Help
     return p
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; every option's help ends with its default where it has one that its help
+    does not already name."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.option_strings and action.default is not None and action.default is not False
+                and action.default != argparse.SUPPRESS and "default" not in text):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _parsers(parser: argparse.ArgumentParser):
+    """`parser` and every subcommand's parser under it."""
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                yield from _parsers(child)
 
 
 def main(argv=None) -> int:

@@ -27,7 +27,7 @@ def load_backbone(section: ModelSection | str, device=None, eval_mode: bool = Tr
     """(model, processor, spec) of an HF model folder, family chosen by its `model_type`."""
     from transformers import AutoProcessor
 
-    from qzoom_adapters.backbones import _compat
+    from qzoom_adapters import compat as _compat
 
     section = ModelSection(path=section) if isinstance(section, str) else section
     path = section.path.removeprefix("hf:")  # "hf:org/name" is a Hub id (kept as is by the config loader)

@@ -249,7 +249,9 @@ class Trainer:
                                          "lower the learning rate or check the data; the last checkpoint is kept")
                 else:
                     opt.step()
-                sched.step()
+                    # the schedule counts updates: a skipped one (here, or by fp16's GradScaler) leaves it as is
+                    if not acc.optimizer_step_was_skipped:
+                        sched.step()
                 opt.zero_grad(set_to_none=True)
                 step += 1
                 bar.update(1)

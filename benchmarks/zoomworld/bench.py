@@ -20,6 +20,7 @@ the README links) unless `out` points there.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +28,7 @@ import torch
 
 from qzoom_adapters.recipes.data import chunks
 from qzoom_adapters.recipes.models import batch_to
+from qzoom_adapters.recipes.progress import progress
 
 from qzoom_adapters.benchmarks.plots import line_plot
 from qzoom_adapters.benchmarks.provenance import git_commit, machine
@@ -62,8 +64,9 @@ def view_inputs(spec, processor, samples, budget: int, device) -> dict:
 
 @torch.no_grad()
 def plain_answers(model, processor, spec, samples, budget: int, batch_size: int, device,
-                  max_new_tokens: int = MAX_NEW_TOKENS) -> tuple[list[str], list[int], float]:
-    """The plain model's greedy answers at `budget`: (answers, visual tokens per sample, seconds in all)."""
+                  max_new_tokens: int = MAX_NEW_TOKENS, bar=None) -> tuple[list[str], list[int], float]:
+    """The plain model's greedy answers at `budget`: (answers, visual tokens per sample, seconds in all).
+    `bar`: a progress bar advanced by each batch's samples."""
     answers, tokens, seconds = [], [], 0.0
     for chunk in chunks(samples, batch_size):
         _sync(device)
@@ -75,19 +78,23 @@ def plain_answers(model, processor, spec, samples, budget: int, batch_size: int,
         _sync(device)
         seconds += time.perf_counter() - t0
         tokens += (inputs["input_ids"] == spec.image_token_id).sum(dim=1).tolist()
+        if bar is not None:
+            bar.update(len(chunk))
     return answers, tokens, seconds
 
 
-def run_baseline(model, processor, spec, samples, budget: int, batch_size: int, device) -> tuple[dict, list[bool]]:
+def run_baseline(model, processor, spec, samples, budget: int, batch_size: int, device,
+                 bar=None) -> tuple[dict, list[bool]]:
     """The plain model at `budget`: (result row, per-sample correctness)."""
-    answers, tokens, seconds = plain_answers(model, processor, spec, samples, budget, batch_size, device)
+    answers, tokens, seconds = plain_answers(model, processor, spec, samples, budget, batch_size, device, bar=bar)
     result = score(samples, [{"answer": a} for a in answers])
     row = {"budget": budget, "accuracy": result["accuracy"], "visual_tokens": mean_or_none(tokens),
            "latency_s": seconds / len(samples)}
     return row, [exact_match(a, s.answer) for a, s in zip(answers, samples)]
 
 
-def _zoom_batches(zoom, spec, processor, samples, budget: int, batch_size: int, device) -> tuple[list, float]:
+def _zoom_batches(zoom, spec, processor, samples, budget: int, batch_size: int, device,
+                  bar=None) -> tuple[list, float]:
     """Q-Zoom outputs for `samples` with the global view at `budget`, and the seconds they took."""
     outs, seconds = [], 0.0
     for chunk in chunks(samples, batch_size):
@@ -97,6 +104,8 @@ def _zoom_batches(zoom, spec, processor, samples, budget: int, batch_size: int, 
         outs += zoom.generate_from_inputs(inputs, [s.image for s in chunk], max_new_tokens=MAX_NEW_TOKENS)
         _sync(device)
         seconds += time.perf_counter() - t0
+        if bar is not None:
+            bar.update(len(chunk))
     return outs, seconds
 
 
@@ -114,21 +123,26 @@ def gate_stats(samples, fired: list[bool], baseline_correct: list[bool] | None) 
 
 @torch.no_grad()
 def run_qzoom(zoom, processor, samples, budget: int, batch_size: int, device,
-              baseline_correct: list[bool] | None = None) -> dict:
-    """Q-Zoom at `budget` (global view and crop): its result row."""
+              baseline_correct: list[bool] | None = None, bar=None) -> dict:
+    """Q-Zoom at `budget` (global view and crop): its result row. `bar` counts the gated run's samples and
+    then those of the box-only run on the skipped detail questions."""
     spec, saved = zoom.spec, zoom.config
     pixels = budget * FACTOR**2
     gated = saved.model_copy(update={"crop_min_pixels": pixels, "crop_max_pixels": pixels})
     try:
         zoom.config = gated
-        outs, seconds = _zoom_batches(zoom, spec, processor, samples, budget, batch_size, device)
+        outs, seconds = _zoom_batches(zoom, spec, processor, samples, budget, batch_size, device, bar)
         fired = [o.gate_prob is None or o.gate_prob >= gated.gate_threshold for o in outs]
         boxes = [o.bbox for o in outs]
         # the pipeline makes a box only when it zooms: the twig's box for the skipped detail questions
         skipped = [i for i, (s, f) in enumerate(zip(samples, fired)) if s.family == "detail" and not f]
         if skipped:
             zoom.config = gated.model_copy(update={"gate_threshold": 0.0})
-            forced, _ = _zoom_batches(zoom, spec, processor, [samples[i] for i in skipped], budget, batch_size, device)
+            if bar is not None:
+                bar.total += len(skipped)
+                bar.refresh()
+            forced, _ = _zoom_batches(zoom, spec, processor, [samples[i] for i in skipped], budget, batch_size, device,
+                                      bar)
             for i, o in zip(skipped, forced):
                 boxes[i] = o.bbox
     finally:
@@ -212,6 +226,9 @@ def bench(model_dir=None, n: int | None = None, batch_size: int = 16, out=None, 
         raise QZoomError(f"--n and --batch-size must be at least 1, got {n} and {batch_size}")
     baseline_budgets, qzoom_budgets = (QUICK["baseline"], QUICK["qzoom"]) if quick else (BUDGETS, QZOOM_BUDGETS)
     t0 = time.perf_counter()
+    configs = [("baseline", b) for b in baseline_budgets] + [("Q-Zoom", b) for b in qzoom_budgets]
+    print(f"qzoom bench zoomworld: n={n} test samples, {len(configs)} configurations "
+          f"({', '.join(f'{m} {b}' for m, b in configs)}) on {device}; loading {model_dir}", file=sys.stderr, flush=True)
     zoom, spec, processor = load_default(model_dir)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # as `qzoom_adapters.recipes.models.load_backbone`
     for module in (zoom.model, zoom.twig, zoom.gate):
@@ -220,11 +237,14 @@ def bench(model_dir=None, n: int | None = None, batch_size: int = 16, out=None, 
     samples = split("test", n)
     run_baseline(zoom.model, processor, spec, samples[:2], min(baseline_budgets), batch_size, device)  # warm-up
     run_qzoom(zoom, processor, samples[:2], min(qzoom_budgets), batch_size, device)
-    baseline, correct = [], {}
-    for b in baseline_budgets:
-        row, correct[b] = run_baseline(zoom.model, processor, spec, samples, b, batch_size, device)
-        baseline.append(row)
-    qzoom = [run_qzoom(zoom, processor, samples, b, batch_size, device, correct.get(b)) for b in qzoom_budgets]
+    baseline, correct, qzoom = [], {}, []
+    for i, (method, b) in enumerate(configs):
+        with progress(len(samples), f"[{i + 1}/{len(configs)}] {method} at {b} visual tokens") as bar:
+            if method == "baseline":
+                row, correct[b] = run_baseline(zoom.model, processor, spec, samples, b, batch_size, device, bar)
+                baseline.append(row)
+            else:
+                qzoom.append(run_qzoom(zoom, processor, samples, b, batch_size, device, correct.get(b), bar))
     report = {"meta": {**metadata(model_dir, n, batch_size, device), "zoom_config": zoom.config.model_dump(),
                        "elapsed_s": time.perf_counter() - t0},
               "baseline": baseline, "qzoom": qzoom}

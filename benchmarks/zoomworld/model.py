@@ -6,6 +6,7 @@ Qwen2.5-VL class load. Stored in bf16 it is ~12 MB.
 """
 from __future__ import annotations
 
+from qzoom_adapters import compat
 from qzoom_adapters.backbones.qwen2_5_vl import Qwen2_5_VLSpec
 from qzoom_adapters.backbones.tiny_processor import TINY_VOCAB_SIZE, tiny_qwen2_5_vl_processor
 
@@ -13,9 +14,8 @@ BUDGETS = (64, 128, 256, 576, 1024)  # visual tokens the model is trained and be
 FACTOR = 28  # 14-px patches merged 2x2
 
 TEXT = dict(vocab_size=TINY_VOCAB_SIZE, hidden_size=192, intermediate_size=512, num_hidden_layers=8,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192, rope_theta=10000.0,
-            rms_norm_eps=1e-6, tie_word_embeddings=True,
-            rope_scaling={"type": "mrope", "rope_type": "default", "mrope_section": [8, 8, 8]})
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192, rms_norm_eps=1e-6,
+            tie_word_embeddings=True, **compat.mrope_text_kwargs([8, 8, 8], rope_theta=10000.0))
 # Every vision block attends globally: HF's sdpa path runs one attention call per window (a Python loop
 # over ~64 windows per image at 1024 tokens), per image it is one call; at 4096 patches global is cheap.
 VISION = dict(depth=4, hidden_size=192, intermediate_size=512, num_heads=4, out_hidden_size=192, patch_size=14,
@@ -27,7 +27,8 @@ def zoomworld_config():
     tok = zoomworld_processor().tokenizer
     ids = dict(bos_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     text = dict(TEXT, **ids)
-    cfg = cls.config_class(text_config=text, vision_config=dict(VISION), **{**Qwen2_5_VLSpec.TINY_IDS, **text})
+    flat = {k: v for k, v in text.items() if k not in compat.ROPE_KEYS}  # rope settings only in text_config
+    cfg = cls.config_class(text_config=text, vision_config=dict(VISION), **{**Qwen2_5_VLSpec.TINY_IDS, **flat})
     cfg._attn_implementation = "sdpa"
     return cfg
 

@@ -2,8 +2,9 @@
 
 * **crop reading:** the plain model on crops around the asked plate (1.3-5x its size, as in training), so
   reading is measured apart from finding the plate;
-* **oracle twig:** Q-Zoom with the twig's box replaced by the true plate's box (the spec's sink mask keeps
-  only the cells that touch it; `roi_threshold` 0), so the crop pass is measured apart from the twig;
+* **oracle twig:** Q-Zoom with the twig's box replaced by the true plate's box (`oracle_box`: the grid cells that
+  touch it and one cell around, forced through `generate_from_inputs(boxes=...)`), so the crop pass is measured
+  apart from the twig;
 * **grounding:** the plain model asked "Where is the red plate?" (and the detail question + GROUNDING_PROMPT,
   the stage-1 teacher's prompt) on whole scenes: the share of well-formed boxes, mean IoU with the asked plate
   and the share with IoU >= 0.5. It says whether the base model binds a colour word to a plate, which the
@@ -11,7 +12,7 @@
 
     python -m qzoom_adapters.benchmarks.zoomworld.probes [--model DEFAULT_DIR] [--n 32] [--budgets 64,128] [--grounding-only]
 
-Validation split, detail questions, batch size 1 for the oracle (the mask is per sample).
+Validation split, detail questions, batch size 1 for the oracle.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import random
 
 import torch
 
-from qzoom_adapters.benchmarks.forced_box import with_sink_mask
+from qzoom_adapters.roi import box_to_pixels, token_box
 
 from .generator import GROUNDING_PROMPT, VAL_SEED, make_sample, parse_box_text
 from .model import FACTOR
@@ -37,9 +38,13 @@ def box_cells(box, size, h_t: int, w_t: int) -> torch.Tensor:
     return keep
 
 
-def oracle_spec(spec, target: dict):
-    """The backbone's spec whose sink mask keeps only `target["box"]` of an image of `target["size"]`."""
-    return with_sink_mask(spec, lambda h_t, w_t: box_cells(target["box"], target["size"], h_t, w_t), "Oracle")
+def oracle_box(box, size, grid_hw, min_side: int = 28) -> tuple[int, int, int, int]:
+    """The source-pixel box of the (h_t, w_t) grid cells that touch the pixel `box` plus one cell around them: the
+    box the twig gives for a map whose only foreground is those cells (the blur's one-cell halo at threshold 0)."""
+    h_t, w_t = grid_hw
+    x1, y1, x2, y2 = token_box(box_cells(box, size, h_t, w_t) > 0)
+    grown = max(0, x1 - 1), max(0, y1 - 1), min(w_t, x2 + 1), min(h_t, y2 + 1)
+    return box_to_pixels(grown, (h_t, w_t), size, min_side)
 
 
 @torch.no_grad()
@@ -86,18 +91,16 @@ def probe(model_dir=None, n: int = 32, budgets=(64, 128), grounding_only: bool =
     if grounding_only:
         return {"n": n, "grounding": found}
     crops = [dataclasses.replace(s, image=crop_view(s.image, s.box, random.Random(i))[0]) for i, s in enumerate(samples)]
-    target = {}
-    zoom.spec = oracle_spec(zoom.spec, target)
     out = {"n": n, "grounding": found, "crop_reading": {}, "oracle_twig": {}}
     for b in budgets:
         out["crop_reading"][b] = run_baseline(zoom.model, processor, spec, crops, b, 16, zoom.model.device)[0]["accuracy"]["all"]
-        zoom.config = zoom.config.model_copy(update={"gate_threshold": 0.0, "roi_threshold": 0.0,
-                                                     "crop_min_pixels": b * FACTOR**2, "crop_max_pixels": b * FACTOR**2})
+        oracle = zoom.with_config(crop_min_pixels=b * FACTOR**2, crop_max_pixels=b * FACTOR**2)
         right = []
         for s in samples:
-            target.update(box=s.box, size=s.image.size)
-            o = zoom.generate_from_inputs(view_inputs(spec, processor, [s], b, zoom.model.device), [s.image],
-                                          max_new_tokens=5)[0]
+            inputs = view_inputs(spec, processor, [s], b, zoom.model.device)
+            grid = spec.token_grid(spec.image_grids(inputs)[0])
+            box = oracle_box(s.box, s.image.size, grid, oracle.config.min_crop_px)
+            o = oracle.generate_from_inputs(inputs, [s.image], max_new_tokens=5, boxes=[box])[0]
             right.append(o.zoomed and exact_match(o.text, s.answer))
         out["oracle_twig"][b] = sum(right) / n
     return out

@@ -177,7 +177,8 @@ def save_load_same_outputs(kit: Kit):
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp)
         zoom.save_pretrained(path)
-        assert sorted(p.name for p in path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+        assert sorted(p.name for p in path.iterdir()) == ["README.md", "adapter_config.json",
+                                                          "adapter_model.safetensors"]  # + the model card
         loaded = QZoom.from_pretrained(path, model=kit.model, processor=kit.processor)
         assert loaded.config == zoom.config
         after = loaded.generate_from_inputs(inputs, kit.images, max_new_tokens=5, return_trace=True)
