@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from qzoom_adapters.backbones.llava import LlavaSpec
 from qzoom_adapters.backbones.qwen2_5_vl import Qwen2_5_VLSpec
@@ -22,3 +23,12 @@ def qwen3():
 @pytest.fixture(scope="module")
 def llava():
     return make_kit(LlavaSpec)
+
+
+@pytest.fixture
+def one_thread():
+    """The tiny models gain nothing from intra-op threads, and on a busy machine they slow it down a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -153,30 +153,6 @@ def test_tiny_builds_are_quiet(tmp_path):
     assert not any(n in run.stderr for n in NOISE), run.stderr[-3000:]
 
 
-def test_a_skipped_first_update_does_not_step_the_schedule_early(tmp_path):
-    from torch import nn
-
-    from qzoom_adapters.recipes.config import TrainSection
-    from qzoom_adapters.recipes.trainer import Trainer
-
-    class Toy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.ones(3))
-
-        def forward(self, batch):
-            return (self.w * batch).sum()
-
-    bad = torch.tensor([1.0, float("nan"), 1.0])
-    cfg = TrainSection(lr=0.1, batch_size=1, effective_batch=1, max_steps=3, save_every=100, warmup_ratio=0.0)
-    trainer = Trainer(Toy(), [bad] * 3, lambda items: torch.stack(items), cfg, tmp_path / "run", lambda m, out: None)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = trainer.train()
-    assert result["skipped_steps"] == 3 and result["finished"]
-    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
-
-
 def test_package_license_is_an_spdx_expression():
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert meta["project"]["license"] == "Apache-2.0" and meta["project"]["license-files"] == ["LICENSE"]

@@ -22,12 +22,7 @@ from qzoom_adapters.recipes.tiny import write_tiny_setup
 from qzoom_adapters.recipes.trainer import DONE_NAME, RUN_NAME, Trainer, _Log
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- a toy trainer (no model): fast checks of the run folder ---------------------------------------

@@ -35,13 +35,7 @@ ADAPTERS = "adapter_model.safetensors"
 
 
 # --- helpers ------------------------------------------------------------------------------------
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The tiny models gain nothing from intra-op threads, and on a busy machine they slow it down a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(tmp_path, family="qwen2_5_vl", samples=16):

@@ -1,4 +1,6 @@
 """The trainer skips an update whose gradient is not finite (weights untouched) and fails after too many."""
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -45,3 +47,15 @@ def test_too_many_non_finite_steps_fail_clearly(tmp_path):
     with pytest.raises(QZoomError, match="non-finite gradients"):
         trainer.train()
     assert torch.equal(module.w.detach(), torch.ones(3))  # never updated
+
+
+def test_a_skipped_first_update_does_not_step_the_schedule_early(tmp_path):
+    """The schedule advances only after a real update: skipping the first one raises no scheduler-order warning."""
+    bad = torch.tensor([1.0, float("nan"), 1.0])
+    cfg = TrainSection(lr=0.1, batch_size=1, effective_batch=1, max_steps=3, save_every=100, warmup_ratio=0.0)
+    trainer = Trainer(Toy(), [bad] * 3, lambda items: torch.stack(items), cfg, tmp_path / "run", lambda m, out: None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = trainer.train()
+    assert result["skipped_steps"] == 3 and result["finished"]
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
