@@ -126,27 +126,22 @@ def run_qzoom(zoom, processor, samples, budget: int, batch_size: int, device,
               baseline_correct: list[bool] | None = None, bar=None) -> dict:
     """Q-Zoom at `budget` (global view and crop): its result row. `bar` counts the gated run's samples and
     then those of the box-only run on the skipped detail questions."""
-    spec, saved = zoom.spec, zoom.config
-    pixels = budget * FACTOR**2
-    gated = saved.model_copy(update={"crop_min_pixels": pixels, "crop_max_pixels": pixels})
-    try:
-        zoom.config = gated
-        outs, seconds = _zoom_batches(zoom, spec, processor, samples, budget, batch_size, device, bar)
-        fired = [o.gate_prob is None or o.gate_prob >= gated.gate_threshold for o in outs]
-        boxes = [o.bbox for o in outs]
-        # the pipeline makes a box only when it zooms: the twig's box for the skipped detail questions
-        skipped = [i for i, (s, f) in enumerate(zip(samples, fired)) if s.family == "detail" and not f]
-        if skipped:
-            zoom.config = gated.model_copy(update={"gate_threshold": 0.0})
-            if bar is not None:
-                bar.total += len(skipped)
-                bar.refresh()
-            forced, _ = _zoom_batches(zoom, spec, processor, [samples[i] for i in skipped], budget, batch_size, device,
-                                      bar)
-            for i, o in zip(skipped, forced):
-                boxes[i] = o.bbox
-    finally:
-        zoom.config = saved
+    spec, pixels = zoom.spec, budget * FACTOR**2
+    # copies with this run's settings (`with_config`: same model and adapters); the caller's zoom is left as it is
+    gated = zoom.with_config(crop_min_pixels=pixels, crop_max_pixels=pixels)
+    outs, seconds = _zoom_batches(gated, spec, processor, samples, budget, batch_size, device, bar)
+    fired = [o.gate_prob is None or o.gate_prob >= gated.config.gate_threshold for o in outs]
+    boxes = [o.bbox for o in outs]
+    # the pipeline makes a box only when it zooms: the twig's box for the skipped detail questions
+    skipped = [i for i, (s, f) in enumerate(zip(samples, fired)) if s.family == "detail" and not f]
+    if skipped:
+        if bar is not None:
+            bar.total += len(skipped)
+            bar.refresh()
+        forced, _ = _zoom_batches(gated.with_config(gate_threshold=0.0), spec, processor, [samples[i] for i in skipped],
+                                  budget, batch_size, device, bar)
+        for i, o in zip(skipped, forced):
+            boxes[i] = o.bbox
     result = score(samples, [{"answer": o.text, "box": b} for o, b in zip(outs, boxes)])
     boxes_quality = box_metrics(samples, boxes)  # IoU (no box = 0), box area / target area; detail_without_box
     return {"budget": budget, "accuracy": result["accuracy"], "visual_tokens": mean_or_none(o.visual_tokens for o in outs),
@@ -154,7 +149,7 @@ def run_qzoom(zoom, processor, samples, budget: int, batch_size: int, device,
             "box_hit_rate": result["box_hit_rate"], "boxes_scored": result["boxes_scored"], **boxes_quality,
             "box_area_fraction": mean_or_none((b[2] - b[0]) * (b[3] - b[1]) / (s.image.width * s.image.height)
                                        for s, b in zip(samples, boxes) if s.family == "detail" and b is not None),
-            "gate_threshold": gated.gate_threshold, "gate": gate_stats(samples, fired, baseline_correct)}
+            "gate_threshold": gated.config.gate_threshold, "gate": gate_stats(samples, fired, baseline_correct)}
 
 
 # --- metadata --------------------------------------------------------------------------------

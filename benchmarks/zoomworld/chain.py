@@ -51,17 +51,14 @@ def choose_roi_threshold(zoom, spec, processor, samples, budgets=ROI_BUDGETS, ca
     IoU with the asked plate), over `budgets`; every candidate's numbers are returned."""
     from .bench import run_qzoom
 
-    saved, rows = zoom.config, {}
-    try:
-        for t in candidates:
-            zoom.config = saved.model_copy(update={"roi_threshold": t, "gate_threshold": 0.0})
-            per = [run_qzoom(zoom, processor, samples, b, batch_size, zoom.model.device) for b in budgets]
-            rows[t] = {"detail_accuracy": sum(r["accuracy"]["detail"] for r in per) / len(per),
-                       "box_hit": sum(r["box_hit_rate"] or 0.0 for r in per) / len(per),
-                       "box_area_fraction": sum(r["box_area_fraction"] or 0.0 for r in per) / len(per),
-                       "mean_iou": sum(r.get("box_iou_mean") or 0.0 for r in per) / len(per)}
-    finally:
-        zoom.config = saved
+    rows = {}
+    for t in candidates:  # copies with each candidate (`with_config`); the caller's zoom is left as it is
+        forced = zoom.with_config(roi_threshold=t, gate_threshold=0.0)
+        per = [run_qzoom(forced, processor, samples, b, batch_size, zoom.model.device) for b in budgets]
+        rows[t] = {"detail_accuracy": sum(r["accuracy"]["detail"] for r in per) / len(per),
+                   "box_hit": sum(r["box_hit_rate"] or 0.0 for r in per) / len(per),
+                   "box_area_fraction": sum(r["box_area_fraction"] or 0.0 for r in per) / len(per),
+                   "mean_iou": sum(r.get("box_iou_mean") or 0.0 for r in per) / len(per)}
     best = max(rows, key=lambda t: (round(rows[t]["detail_accuracy"], 6), rows[t]["mean_iou"]))
     return {"roi_threshold": best, "budgets": list(budgets), "n": len(samples), "candidates": rows}
 

@@ -25,15 +25,13 @@ def gate_probs(zoom, spec, processor, samples, budget: int, batch_size: int = 16
 
     from .bench import view_inputs
 
-    saved, probs = zoom.config, []
-    zoom.config = saved.model_copy(update={"gate_threshold": 2.0})  # never zoom: one direct token per sample
-    try:
-        for chunk in chunks(samples, batch_size):
-            outs = zoom.generate_from_inputs(view_inputs(spec, processor, chunk, budget, zoom.model.device),
-                                             [s.image for s in chunk], max_new_tokens=1)
-            probs += [o.gate_prob for o in outs]
-    finally:
-        zoom.config = saved  # the caller's settings (the threshold to write among them) are left as they were
+    # never zoom (one direct token per sample), on a copy: the caller's settings, the threshold to write among them,
+    # stay as they are
+    direct, probs = zoom.with_config(gate_threshold=2.0), []
+    for chunk in chunks(samples, batch_size):
+        outs = direct.generate_from_inputs(view_inputs(spec, processor, chunk, budget, zoom.model.device),
+                                           [s.image for s in chunk], max_new_tokens=1)
+        probs += [o.gate_prob for o in outs]
     return probs
 
 
