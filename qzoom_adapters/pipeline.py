@@ -264,15 +264,15 @@ class QZoom:
             raise QZoomError(f"got {len(images)} source images for a batch of {inputs['input_ids'].shape[0]}")
         for image in images:
             check_source_image(image, self.config.min_crop_px)
-        self._check_grids(inputs, images)
-        return self.trunk.prefill(inputs, self.K, _compat.new_cache())
+        a = self.trunk.prefill(inputs, self.K, _compat.new_cache())  # validates the inputs first
+        self._check_grids(a.grid, images)
+        return a
 
-    def _check_grids(self, inputs, images) -> None:
+    def _check_grids(self, grids, images) -> None:
         """Each image grid must have its source image's aspect ratio (within rounding) where the spec says so."""
         if not getattr(self.spec, "grid_keeps_aspect", False):
             return
-        self.spec.validate_inputs(inputs)
-        for i, (row, image) in enumerate(zip(self.spec.image_grids(inputs), images)):
+        for i, (row, image) in enumerate(zip(grids, images)):
             check_grid_aspect(self.spec.token_grid(row), self.spec.source_window(self.image_processor, image.size), i)
 
     # --- gate ----------------------------------------------------------------------------

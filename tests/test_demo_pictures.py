@@ -158,6 +158,9 @@ def test_run_demo_draws_the_caption(tmp_path, monkeypatch):
         config = ZoomConfig(gate_threshold=0.5)
         model = type("M", (), {"device": torch.device("cpu")})()
 
+        def with_config(self, **overrides):
+            return self  # the demo's crop budget does not change the canned outputs
+
         def generate_from_inputs(self, inputs, images, max_new_tokens):
             return outs
 

@@ -7,7 +7,6 @@ Layout of a default folder (`DEFAULT_DIR` unless given):
 """
 from __future__ import annotations
 
-import copy
 import json
 import time
 from pathlib import Path
@@ -87,10 +86,8 @@ def run_demo(zoom, spec, processor, samples: list[Sample], budget: int, out_dir,
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     pixels = budget * FACTOR**2
-    # a local copy (as `QZoom.with_config` makes: same model and adapters) with the demo's crop budget; the
-    # caller's zoom and its config are left as they were
-    zoom = copy.copy(zoom)
-    zoom.config = zoom.config.model_copy(update={"crop_min_pixels": pixels, "crop_max_pixels": pixels})
+    # a copy with the demo's crop budget (same model and adapters); the caller's zoom is left as it was
+    zoom = zoom.with_config(crop_min_pixels=pixels, crop_max_pixels=pixels)
     images = [s.image for s in samples]
     inputs = view_inputs(spec, processor, samples, budget, zoom.model.device)
     outs = zoom.generate_from_inputs(inputs, images, max_new_tokens=max_new_tokens)
