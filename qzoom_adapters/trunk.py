@@ -117,7 +117,7 @@ class Trunk:
         if cache is not None and stop > 0 and _compat.cache_num_layers(cache) < stop:
             raise RuntimeError(
                 f"{type(self.spec.text_model).__name__} did not fill the KV cache it was given; this "
-                "transformers version passes the cache differently (see backbones/_compat.py)"
+                "transformers version passes the cache differently (see qzoom_adapters/compat.py)"
             )
         return cap.hidden, cap.kwargs
 

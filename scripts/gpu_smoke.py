@@ -17,7 +17,7 @@ from transformers import AutoImageProcessor
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 import qzoom_adapters as qz  # noqa: E402
-from qzoom_adapters.backbones import _compat  # noqa: E402
+from qzoom_adapters import compat as _compat  # noqa: E402
 from qzoom_adapters.testing import make_kit  # noqa: E402
 
 d, dev = Path(sys.argv[1]), "cuda"

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoImageProcessor
 
 import qzoom_adapters as qz
-from qzoom_adapters.backbones import _compat
+from qzoom_adapters import compat as _compat
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "refparity"
 CASES = sorted(p for p in ROOT.glob("*") if (p / "meta.json").is_file()) if ROOT.is_dir() else []

@@ -151,8 +151,6 @@ def test_builtin_families_implement_the_whole_protocol(family):
 def test_core_and_backbones_import_the_public_compat_module():
     old = []
     for name, path in _modules().items():
-        if name == f"{ROOT}.backbones._compat":
-            continue
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (
                     (node.module or "").endswith("_compat") or any(a.name == "_compat" for a in node.names)):
@@ -160,12 +158,6 @@ def test_core_and_backbones_import_the_public_compat_module():
             elif isinstance(node, ast.Import) and any(a.name.endswith("._compat") for a in node.names):
                 old.append(f"{_repo_path(path)}:{node.lineno}")
     assert not old, f"import qzoom_adapters.compat, not backbones._compat: {old}"
-
-
-def test_old_compat_name_is_the_same_module():
-    from qzoom_adapters.backbones import _compat
-
-    assert _compat is compat and set(compat.__all__) <= set(dir(compat))
 
 
 def test_only_compat_reads_the_transformers_version():

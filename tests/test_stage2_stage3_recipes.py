@@ -16,7 +16,7 @@ import torch
 
 import qzoom_adapters.recipes.stage2 as s2
 import qzoom_adapters.recipes.stage3 as s3
-from qzoom_adapters.backbones import _compat
+from qzoom_adapters import compat as _compat
 from qzoom_adapters import QZoom, TwigRPN
 from qzoom_adapters.config import ZoomConfig
 from qzoom_adapters.io import load_adapters
