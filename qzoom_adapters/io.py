@@ -1,44 +1,33 @@
-"""Adapter files (`adapter_config.json` + `adapter_model.safetensors`) and released Q-Zoom checkpoints."""
+"""Adapter files (`adapter_config.json` + `adapter_model.safetensors`) and released Q-Zoom checkpoints.
+
+Model-folder / checkpoint-file checks and `load_model` live in `model_files`; the model card in `model_card`."""
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from pydantic import ValidationError
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic import atomic_write
 from .config import AdapterConfig, ZoomConfig, validation_message
 from .errors import QZoomError
 from .gate import DynamicGate
 from .images import check_regular_file
+from .model_card import _write_model_card
+from .model_files import _check_folder, _probe_safetensors, _read_model_config, checkpoint_files
 from .spec import get_spec, spec_class_for
 from .twig import TwigRPN
 from .version import __version__
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
-MODEL_WEIGHTS = ("model.safetensors", INDEX_NAME, "pytorch_model.bin", "pytorch_model.bin.index.json")
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def base_model_record(model) -> dict:
@@ -72,103 +61,17 @@ def save_adapters(path, model, twig: TwigRPN | None, gate: DynamicGate | None, z
     meta = {"format": "pt", "library_version": __version__, "backbone_family": spec.family,
             "K": str(branch.K), "T": str(branch.T),
             **{k: str(v) for k, v in depths.items()}}  # what the tensors were cut at: checked on load
-    _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=meta))
-    _atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(cfg.model_dump_json(indent=2)))
+    atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path / CONFIG_NAME, lambda tmp: Path(tmp).write_text(cfg.model_dump_json(indent=2)))
     _write_model_card(path, cfg, type(model).__name__)
     return path
 
 
-CARD_NAME = "README.md"
-CARD_MARKER = "<!-- qzoom-adapters: model card written by save_pretrained; remove this line to keep your edits -->"
-
-
-def _write_model_card(path: Path, cfg: AdapterConfig, model_class: str) -> None:
-    """A short model card beside the adapter files, as peft writes one. A README.md without our marker line is
-    the user's: it is left alone."""
-    card = path / CARD_NAME
-    if card.exists() or card.is_symlink():
-        try:
-            ours = card.is_file() and not card.is_symlink() and CARD_MARKER in card.read_text(errors="replace").splitlines()
-        except OSError:
-            ours = False
-        if not ours:
-            return
-    _atomic_write(card, lambda tmp: Path(tmp).write_text(model_card(cfg, model_class)))
-
-
-def model_card(cfg: AdapterConfig, model_class: str = "AutoModelForImageTextToText") -> str:
-    """The model card text for an adapter folder described by `cfg`."""
-    base = cfg.base_model_name_or_path
-    z = cfg.zoom
-    parts = [f"twig RPN (layers {cfg.K}..{cfg.K + cfg.depth('twig') - 1}, T={cfg.depth('twig')})"] if cfg.has_twig else []
-    if cfg.has_gate:
-        parts.append(f"dynamic gate (layers {cfg.K}..{cfg.K + cfg.depth('gate') - 1}, T={cfg.depth('gate')})")
-    front = ["---", "library_name: qzoom-adapters"] + ([f"base_model: {json.dumps(base)}"] if base else []) + [
-        "tags:", "- qzoom", "- multimodal", "---"]
-    load_base = base or "path/to/the/base/model"
-    lines = front + [
-        CARD_MARKER,
-        "",
-        "# Q-Zoom adapters",
-        "",
-        "Query-aware adaptive perception adapters for an unmodified Hugging Face multimodal model: a "
-        + " and a ".join(parts) + f", both branching at decoder layer K={cfg.K}. The gate decides per question "
-        "whether to zoom; the twig's heatmap gives the region that is cropped, re-encoded and appended to the "
-        "global view. The base model's weights are not part of this folder.",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| base model | {base or 'not recorded'}{f' (revision {cfg.revision})' if cfg.revision else ''} |",
-        f"| model type / family | {cfg.model_type} / {cfg.backbone_family} ({cfg.num_hidden_layers} decoder layers) |",
-        f"| K / T | K={cfg.K}, " + ", ".join(
-            f"{name} T={cfg.depth(name)}" for name, on in (("twig", cfg.has_twig), ("gate", cfg.has_gate)) if on) + " |",
-        f"| gate threshold | {z.gate_threshold} |",
-        f"| RoI threshold | {z.roi_threshold} |",
-        f"| position mode | {z.position_mode or 'the backbone default'} |",
-        f"| library | qzoom-adapters {cfg.library_version} |",
-        "",
-        "## Usage",
-        "",
-        "```python",
-        "import qzoom_adapters as qz",
-        "from PIL import Image",
-        f"from transformers import AutoProcessor, {model_class}",
-        "",
-        f'model = {model_class}.from_pretrained("{load_base}"{f", revision={cfg.revision!r}" if cfg.revision else ""})',
-        f'processor = AutoProcessor.from_pretrained("{load_base}")',
-        'zoom = qz.QZoom.from_pretrained("path/to/this/folder", model=model, processor=processor)',
-        'print(zoom.generate([Image.open("picture.jpg")], ["What is written on the sign?"])[0].text)',
-        "```",
-        "",
-        "Settings saved here (`adapter_config.json`, `zoom`) can be overridden on load: "
-        "`QZoom.from_pretrained(..., gate_threshold=0.5)`.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _check_folder(path, what: str) -> Path:
-    path = Path(path)
-    if not path.exists():
-        raise QZoomError(f"{what} {path} does not exist")
-    if not path.is_dir():
-        raise QZoomError(f"{what} {path} is not a folder")
-    return path
-
-
-def _probe_safetensors(file: Path, what: str) -> dict:
-    """Check a safetensors file's header (truncation shows there) before anything loads it; its metadata."""
-    check_regular_file(file, what)
-    try:
-        with safe_open(str(file), "pt") as f:
-            return f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise QZoomError(f"cannot read {what} {file}: {err}. The file is truncated, corrupt or not "
-                         "safetensors") from None
-
-
-def _read_safetensors(file: Path, what: str = "adapter weights") -> dict[str, torch.Tensor]:
-    _probe_safetensors(file, what)
+def _read_safetensors(file: Path, what: str = "adapter weights", probed: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; its header is probed first unless the caller has just done so
+    (`probed=True`)."""
+    if not probed:
+        _probe_safetensors(file, what)
     try:
         return load_file(str(file))
     except (SafetensorError, OSError, ValueError) as err:
@@ -205,11 +108,8 @@ def load_adapters(path, model) -> tuple[TwigRPN | None, DynamicGate | None, Zoom
     The model must have the saved `model_type`, family, depth and hidden size (else `QZoomError`); a different
     base-model name only warns.
     """
-    path = Path(path)
-    if not path.exists():
-        raise QZoomError(f"adapter folder {path} does not exist (no {CONFIG_NAME} to read); pass the folder "
+    path = _check_folder(path, "adapter folder", missing_hint=f" (no {CONFIG_NAME} to read); pass the folder "
                          "written by save_pretrained")
-    path = _check_folder(path, "adapter folder")
     if not (path / CONFIG_NAME).exists():
         raise QZoomError(f"{path} has no {CONFIG_NAME}; is it an adapter folder written by save_pretrained?")
     check_regular_file(path / CONFIG_NAME, "adapter config")
@@ -249,7 +149,7 @@ def load_adapters(path, model) -> tuple[TwigRPN | None, DynamicGate | None, Zoom
         if key in meta and value is not None and meta[key] != str(value):
             raise QZoomError(f"{path / CONFIG_NAME} says {key}={value} but {WEIGHTS_NAME} was saved with "
                              f"{key}={meta[key]}; restore {key}={meta[key]} in {CONFIG_NAME}")
-    tensors = _read_safetensors(path / WEIGHTS_NAME)
+    tensors = _read_safetensors(path / WEIGHTS_NAME, probed=True)  # probed just above
     _check_finite(tensors, path / WEIGHTS_NAME)
     twig = gate = None
     if cfg.has_twig:
@@ -268,76 +168,12 @@ _REF_PATTERNS = {
 }
 
 
-def checkpoint_files(path: Path) -> list[Path]:
-    """The safetensors files a checkpoint folder consists of: those its `model.safetensors.index.json`
-    names, else its one `model.safetensors` (or its only *.safetensors file); other files are never read."""
-    index = path / INDEX_NAME
-    if index.exists():
-        check_regular_file(index, "checkpoint index")
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise QZoomError(f"{index} is not a valid safetensors index (needs a `weight_map`): {err}") from None
-        return [path / name for name in names]
-    if (path / "model.safetensors").exists():
-        return [path / "model.safetensors"]
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise QZoomError(f"{path} holds no *.safetensors files; is it a released Q-Zoom checkpoint folder?")
-    if len(files) > 1:
-        raise QZoomError(f"{path} holds several *.safetensors files ({', '.join(f.name for f in files[:4])}) but no "
-                         f"{INDEX_NAME} or model.safetensors saying which make up the checkpoint; remove the others "
-                         "or add the index")
-    return files
-
-
 def _checkpoint_tensors(path: Path, files: list[Path]) -> dict[str, torch.Tensor]:
+    """The tensors of `files` (`checkpoint_files`), whose headers `load_reference_checkpoint` probed already."""
     tensors = {}
     for file in files:
-        tensors.update(_read_safetensors(file, "checkpoint weights"))
+        tensors.update(_read_safetensors(file, "checkpoint weights", probed=True))
     return tensors
-
-
-def check_model_folder(path, what: str = "model folder") -> Path:
-    """A Hugging Face model folder on disk: config.json and readable weights (headers checked, regular files)."""
-    path = _check_folder(path, what)
-    if not (path / "config.json").exists():
-        raise QZoomError(f"{path} has no config.json; is it a Hugging Face model folder (save_pretrained)?")
-    check_regular_file(path / "config.json", "model config")
-    if not any((path / name).exists() for name in MODEL_WEIGHTS):
-        raise QZoomError(f"{path} holds no model weights ({' / '.join(MODEL_WEIGHTS)}); point at the folder the "
-                         "model was saved to")
-    if (path / INDEX_NAME).exists() or (path / "model.safetensors").exists():
-        for file in checkpoint_files(path):
-            _probe_safetensors(file, "model weights")
-    else:
-        for name in MODEL_WEIGHTS[2:]:
-            if (path / name).exists():
-                check_regular_file(path / name, "model weights")
-    return path
-
-
-def _read_model_config(path: Path) -> dict:
-    try:
-        raw = json.loads((path / "config.json").read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise QZoomError(f"{path / 'config.json'} is not valid JSON: {err}") from None
-    if not isinstance(raw, dict) or not raw.get("model_type"):
-        raise QZoomError(f"{path / 'config.json'} has no model_type; is it a Hugging Face model config?")
-    return raw
-
-
-def load_model(path, **kwargs):
-    """The HF model saved in folder `path` (its family's class, eval mode), with clear errors for bad folders."""
-    from qzoom_adapters import compat as _compat
-
-    path = check_model_folder(path)
-    spec_cls = spec_class_for(_read_model_config(path)["model_type"])
-    config = _compat.load_config(str(path))
-    try:
-        return spec_cls.model_class().from_pretrained(str(path), config=config, **kwargs).eval()
-    except SafetensorError as err:
-        raise QZoomError(f"cannot read the model weights in {path}: {err}") from None
 
 
 def reference_adapter_tensors(tensors: dict) -> dict[str, dict[str, torch.Tensor]]:

@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+from .infer_command import infer
+
 
 def _demo(args) -> int:
     from qzoom_adapters.benchmarks.zoomworld.shipped import DEFAULT_DIR, demo_samples, load_default, run_demo
@@ -60,138 +62,6 @@ def _mark_demo_out(out: Path, files: list[str]) -> None:
     except (OSError, ValueError, KeyError, TypeError):
         known = set()
     marker.write_text(json.dumps({"files": sorted(known | set(files))}) + "\n")
-
-
-def _heatmap_target(path: str, image: Path, overwrite: bool) -> Path:
-    """Where `--heatmap` writes, checked before the run: an existing folder, an image extension PIL can
-    write, and no existing file unless `--overwrite` (never the input image)."""
-    from PIL import Image
-
-    from qzoom_adapters.errors import QZoomError
-
-    out = Path(path)
-    if out.is_dir():
-        raise QZoomError(f"--heatmap {out} is a folder; give a file name such as {out / 'heatmap.png'}")
-    if not out.parent.is_dir():
-        raise QZoomError(f"--heatmap {out}: the folder {out.parent} does not exist; create it first")
-    fmt = Image.registered_extensions().get(out.suffix.lower())
-    if fmt is None or fmt not in Image.SAVE:
-        raise QZoomError(f"--heatmap {out}: {out.suffix or 'no extension'} is not an image format PIL can write; "
-                         "use .png or .jpg")
-    if out.exists():
-        if out.resolve() == image.resolve() or out.samefile(image):
-            raise QZoomError(f"--heatmap {out} is the input image; write the heatmap to another file")
-        if not overwrite:
-            raise QZoomError(f"--heatmap {out} exists; pass --overwrite to replace it, or choose another name")
-    return out
-
-
-def _load_processor(folder):
-    from transformers import AutoProcessor
-
-    import qzoom_adapters.backbones.tiny_processor  # noqa: F401  (lets AutoProcessor load processors saved by the demo/tests)
-    from qzoom_adapters.errors import QZoomError
-
-    path = Path(folder)
-    if not path.is_dir():
-        raise QZoomError(f"processor folder {path} does not exist" if not path.exists() else
-                         f"processor folder {path} is not a folder")
-    try:
-        return AutoProcessor.from_pretrained(str(path))
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise QZoomError(f"cannot load a processor from {path} ({first}); pass --processor with the folder the "
-                         "processor was saved to") from None
-
-
-_DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
-
-
-def _device_dtype(device: str, dtype: str):
-    """`--device` and `--dtype` as torch objects, checked before anything loads: cpu, cuda, cuda:N or auto
-    (cuda if available, else cpu); auto dtype is bfloat16 on CUDA and float32 on the CPU."""
-    import re
-
-    import torch
-
-    from qzoom_adapters.errors import QZoomError
-
-    text = (device or "auto").strip().lower()
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
-        raise QZoomError(f"--device {device!r} is not cpu, cuda, cuda:N or auto")
-    if text == "auto":
-        text = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(text)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise QZoomError(f"--device {device}: no CUDA device is available here; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise QZoomError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                             f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
-    if dtype not in _DTYPE_CHOICES:
-        raise QZoomError(f"--dtype {dtype!r} is not one of {', '.join(_DTYPE_CHOICES)}")
-    if dtype == "auto":
-        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
-    return dev, getattr(torch, dtype)
-
-
-def _infer(args) -> int:
-    import qzoom_adapters as qz
-    from qzoom_adapters.config import as_zoom_config
-    from qzoom_adapters.errors import QZoomError
-    from qzoom_adapters.images import load_image
-    from qzoom_adapters.io import check_model_folder, load_model
-    from qzoom_adapters.viz import heatmap_overlay
-
-    from .models import batch_to
-
-    # every argument is checked before the (slow) model load
-    if args.reference and (args.model or args.adapters):
-        raise QZoomError("give either --reference or --model with --adapters, not both")
-    if not args.reference and not (args.model and args.adapters):
-        raise QZoomError("give --model and --adapters, or --reference")
-    if args.max_new_tokens < 1:
-        raise QZoomError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.budget is not None and args.budget < 1:
-        raise QZoomError(f"--budget must be at least 1 visual token, got {args.budget}")
-    device, dtype = _device_dtype(args.device, args.dtype)
-    overrides = {k: v for k, v in (("gate_threshold", args.gate_threshold), ("roi_threshold", args.roi_threshold),
-                                   ("position_mode", args.position_mode)) if v is not None}
-    as_zoom_config(overrides)  # a bad threshold fails here, in one line
-    image = load_image(args.image)
-    heatmap = _heatmap_target(args.heatmap, Path(args.image), args.overwrite) if args.heatmap else None
-    if args.reference:
-        check_model_folder(args.reference, "checkpoint folder")
-    else:
-        check_model_folder(args.model)
-        if not Path(args.adapters).is_dir():
-            raise QZoomError(f"adapter folder {args.adapters} does not exist" if not Path(args.adapters).exists()
-                             else f"adapter folder {args.adapters} is not a folder")
-    processor = _load_processor(args.processor or args.model or args.reference)
-    if args.reference:
-        zoom = qz.QZoom.from_reference_checkpoint(args.reference, processor, torch_dtype=dtype, device=device,
-                                                  **overrides)
-    else:
-        zoom = qz.QZoom.from_pretrained(args.adapters, load_model(args.model, dtype=dtype), processor, **overrides)
-    for module in (zoom.model, zoom.twig, zoom.gate):
-        if module is not None:
-            module.to(device, dtype)
-    pixels = None
-    if args.budget is not None:  # the global view (and the crop) at `--budget` visual tokens: min = max pixels
-        pixels = zoom.spec.budget_pixels(args.budget)
-        if pixels is None:
-            raise QZoomError(f"the {zoom.spec.family} family reads every image at one fixed size; --budget does "
-                             "not apply to it")
-        zoom.config = zoom.config.model_copy(update={"crop_min_pixels": pixels, "crop_max_pixels": pixels})
-    inputs = batch_to(zoom.spec.chat_inputs(processor, [image], [args.question], pixels=pixels), device)
-    out = zoom.generate_from_inputs(inputs, [image], max_new_tokens=args.max_new_tokens)[0]
-    gate = "n/a" if out.gate_prob is None else f"{out.gate_prob:.3f}"
-    print(f"gate={gate} zoomed={out.zoomed} box={out.bbox} visual_tokens={out.visual_tokens}")
-    print(out.text)
-    if heatmap is not None:
-        heatmap_overlay(image, out.heatmap, out.bbox).save(heatmap)
-        print(f"heatmap -> {heatmap}")
-    return 0
 
 
 def _where(out: Path, explicit: bool, results: Path) -> str:
@@ -334,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16 "
                                                    "or float16")
     i.add_argument("--max-new-tokens", type=int, default=32, help="longest answer, in tokens")
-    i.set_defaults(func=_infer)
+    i.set_defaults(func=infer)
 
     t = sub.add_parser("tiny", help="write a tiny random model, synthetic records and a recipe to try the recipes on",
                        description="Example: qzoom tiny --out tiny", formatter_class=argparse.RawDescriptionHelpFormatter)

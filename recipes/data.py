@@ -10,6 +10,7 @@ from typing import Iterable, Literal
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from qzoom_adapters.atomic import atomic_write_text
 from qzoom_adapters.errors import QZoomError
 
 GREY = (127, 127, 127)
@@ -100,11 +101,8 @@ def write_jsonl(path, rows: Iterable) -> None:
     """Write rows (dicts or pydantic models) atomically: a temporary file renamed into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row.model_dump() if isinstance(row, BaseModel) else row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(row.model_dump() if isinstance(row, BaseModel) else row,
+                                               ensure_ascii=False) + "\n" for row in rows))
 
 
 class JsonlAppender:

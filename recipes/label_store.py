@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from qzoom_adapters.atomic import atomic_write, atomic_write_text
 from qzoom_adapters.errors import QZoomError
 
 MANIFEST = "manifest.json"
@@ -188,9 +188,7 @@ class LabelWriter:
         return f"shard-{max(used, default=-1) + 1:05d}.safetensors"
 
     def _write_manifest(self) -> None:
-        tmp = self.out / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(self.manifest, indent=1))
-        os.replace(tmp, self.out / MANIFEST)
+        atomic_write_text(self.out / MANIFEST, json.dumps(self.manifest, indent=1))
 
     def flush(self) -> None:
         if not self.pending:
@@ -200,9 +198,7 @@ class LabelWriter:
         tensors = {"grounding": torch.stack([p[1] for p in self.pending]).half().contiguous(),
                    "sink": torch.stack([p[2] for p in self.pending]).half().contiguous()}
         meta = {"samples": json.dumps([{"id": p[0], **p[3]} for p in self.pending])}
-        tmp = self.out / f".{name}.tmp"
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, self.out / name)
+        atomic_write(self.out / name, lambda tmp: save_file(tensors, tmp, metadata=meta))
         entry = {"file": name, "ids": ids, "bytes": (self.out / name).stat().st_size}
         if any(p[4] is not None for p in self.pending):
             entry["hashes"] = [p[4] for p in self.pending]

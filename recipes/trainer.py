@@ -6,9 +6,8 @@ owns what every stage needs the same way: a deterministic, resumable data order,
 accumulation to the effective batch, AdamW + cosine schedule with linear warm-up, clipping,
 checkpoints (a killed run resumes from the last one with nothing lost), CSV/JSONL loss logs.
 
-A run folder is marked by `qzoom_run.json`: the settings that shape the run (a resume with other
-ones is refused, naming them) and the checkpoints the run wrote (the only ones it resumes from
-or rotates away). A non-empty folder without that marker is never trained into.
+The run folder's bookkeeping (its `qzoom_run.json` marker, the settings check on resume, atomic
+writes, reading a torn loss log) is in `run_folder`.
 """
 from __future__ import annotations
 
@@ -16,10 +15,8 @@ import csv
 import io
 import json
 import math
-import os
 import shutil
 import time
-import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -30,40 +27,9 @@ from qzoom_adapters.errors import QZoomError
 
 from .config import TrainSection
 from .progress import progress
+from qzoom_adapters.atomic import atomic_write_text
 
-DONE_NAME = "training_complete.json"
-RUN_NAME = "qzoom_run.json"  # marks a run folder: its settings and the checkpoints it wrote
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, then rename it over `path`: a crash keeps the old file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _short(value, limit: int = 60) -> str:
-    text = json.dumps(value, default=str)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def settings_diff(old: dict, new: dict) -> list[str]:
-    """`key: old -> new` for every key whose value differs (a missing key reads as absent)."""
-    missing = object()
-
-    def show(v):
-        return "(absent)" if v is missing else _short(v)
-
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key, missing), new.get(key, missing)
-        if a != b:
-            out.append(f"{key}: {show(a)} -> {show(b)}")
-    return out
+from .run_folder import DONE_NAME, latest_checkpoint, read_log_rows, save_run, start_run
 
 
 def epoch_order(n: int, seed: int, epoch: int, rank: int, world: int) -> list[int]:
@@ -132,59 +98,6 @@ class Trainer:
         total = cfg.max_steps or steps_per_epoch * cfg.epochs
         return accum, micro_per_epoch, steps_per_epoch, total
 
-    def _check_out_dir(self) -> dict | None:
-        """The run recorded in `out` to resume (None: a fresh run); refuses a finished run, a run with other
-        settings, and a non-empty folder that is not a run of ours. Reads only (every process runs it)."""
-        if (self.out / DONE_NAME).exists():
-            raise QZoomError(f"{self.out} already holds a finished run ({DONE_NAME}); choose another `out` or move "
-                             "it away (nothing is overwritten)")
-        if self.out.exists() and not self.out.is_dir():
-            raise QZoomError(f"`out` {self.out} is a file, not a folder; choose another `out`")
-        marker = self.out / RUN_NAME
-        if marker.is_file():
-            try:
-                run = json.loads(marker.read_text(encoding="utf-8"))
-                old, names = run["settings"], run["checkpoints"]
-                if not isinstance(old, dict) or not isinstance(names, list):
-                    raise TypeError
-            except (ValueError, KeyError, TypeError) as err:
-                raise QZoomError(f"{marker} is corrupt ({type(err).__name__}); start a new run with another `out` "
-                                 "(the folder is left as it is)") from err
-            diff = settings_diff(old, self.settings)
-            if diff:
-                raise QZoomError(f"{self.out} holds a run with other settings ({'; '.join(diff)}); resume it with "
-                                 "its settings, or give a new `out` for a new run")
-            return run
-        if self.out.is_dir() and any(self.out.iterdir()):
-            found = sorted(p.name for p in self.out.iterdir())
-            raise QZoomError(f"{self.out} is not empty ({', '.join(found[:4])}{', ...' if len(found) > 4 else ''}) "
-                             f"and holds no qzoom training run ({RUN_NAME}); choose a new or empty `out` folder "
-                             "(nothing in it is overwritten)")
-        return None
-
-    def _start_run(self, acc) -> None:
-        """Check `out` on every process, then (main process) mark a fresh run folder; all processes agree."""
-        acc.wait_for_everyone()  # nobody writes into `out` before every process has looked at it
-        run = self._check_out_dir()
-        acc.wait_for_everyone()
-        if run is None:
-            from qzoom_adapters import __version__
-
-            run = {"library": __version__, "settings": self.settings, "checkpoints": []}
-            if acc.is_main_process:
-                self.out.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(self.out / RUN_NAME, json.dumps(run, indent=1))
-        self.run = run
-        acc.wait_for_everyone()
-
-    def _save_run(self) -> None:
-        atomic_write_text(self.out / RUN_NAME, json.dumps(self.run, indent=1))
-
-    def _latest(self, ckpt_dir: Path) -> Path | None:
-        """The newest complete checkpoint this run wrote (a folder it did not write is never resumed from)."""
-        done = [ckpt_dir / n for n in self.run.get("checkpoints", []) if (ckpt_dir / n / "trainer_state.json").exists()]
-        return max(done, key=lambda p: int(p.name.split("-")[1])) if done else None
-
     # --- the loop ---------------------------------------------------------------------------
     def train(self) -> dict:
         from transformers import get_cosine_schedule_with_warmup
@@ -192,7 +105,7 @@ class Trainer:
         cfg = self.cfg
         acc = self._accelerator()
         accum, micro_per_epoch, steps_per_epoch, total = self._plan(acc.num_processes)
-        self._start_run(acc)
+        self.run = start_run(acc, self.out, self.settings)
         torch.manual_seed(cfg.seed)
         planned = total
         params = [p for p in self.module.parameters() if p.requires_grad]
@@ -203,7 +116,7 @@ class Trainer:
         module, opt, sched = acc.prepare(self.module, opt, sched)
         ckpt_dir = self.out / "checkpoints"
         step = 0
-        latest = self._latest(ckpt_dir)
+        latest = latest_checkpoint(ckpt_dir, self.run)
         if latest is not None:
             acc.load_state(str(latest))
             step = json.loads((latest / "trainer_state.json").read_text())["step"]
@@ -321,14 +234,14 @@ class Trainer:
             (tmp / "trainer_state.json").write_text(json.dumps({"step": step}))
             names = [n for n in self.run["checkpoints"] if n != name] + [name]
             self.run["checkpoints"] = names
-            self._save_run()
+            save_run(self.out, self.run)
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             names = sorted(names, key=lambda n: int(n.split("-")[1]))
             old, keep = names[: -self.cfg.keep_checkpoints], names[-self.cfg.keep_checkpoints :]
             if old:
                 self.run["checkpoints"] = keep
-                self._save_run()  # forgotten first: a half-deleted folder is never resumed from
+                save_run(self.out, self.run)  # forgotten first: a half-deleted folder is never resumed from
                 for n in old:
                     gone = ckpt_dir / f".old-{n}"
                     if (ckpt_dir / n).exists():
@@ -350,32 +263,6 @@ class _EpochView(torch.utils.data.Dataset):
     def __getitem__(self, i):
         get = getattr(self.dataset, "get", None)
         return get(i, self.epoch) if get is not None else self.dataset[i]
-
-
-def read_log_rows(path: Path) -> list[dict]:
-    """Rows of a JSONL loss log; a torn line (a kill while appending) and rows without a step are dropped with a
-    warning, so one bad line never blocks a resume."""
-    if not path.exists():
-        return []
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    rows, bad = [], []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            bad.append(n)
-            continue
-        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
-            bad.append(n)
-            continue
-        rows.append(row)
-    if bad:
-        torn = bad == [len(lines)]
-        warnings.warn(f"{path}: dropped {'a torn last line' if torn else f'unreadable line(s) {bad[:10]}'} "
-                      f"({len(rows)} rows kept)", stacklevel=2)
-    return rows
 
 
 class _Log:

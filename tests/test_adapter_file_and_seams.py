@@ -2,6 +2,7 @@
 (forced boxes, config copies, the RoI layout in positions.py) - issue 18."""
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 
@@ -11,7 +12,7 @@ import torch
 import qzoom_adapters as qz
 from qzoom_adapters import pipeline, positions, roi
 from qzoom_adapters.backbones.qwen2_5_vl import Qwen2_5_VLSpec
-from qzoom_adapters import io as qio
+from qzoom_adapters.model_card import CARD_MARKER
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -106,7 +107,7 @@ def test_model_card_is_written_and_a_users_readme_is_kept(qwen25, tmp_path):
     zoom = _zoom(qwen25, twig_T=2, gate_T=3, gate_threshold=0.25)
     zoom.save_pretrained(tmp_path)
     card = (tmp_path / "README.md").read_text()
-    assert qio.CARD_MARKER in card.splitlines() and card.startswith("---\nlibrary_name: qzoom-adapters")
+    assert CARD_MARKER in card.splitlines() and card.startswith("---\nlibrary_name: qzoom-adapters")
     for text in ("K=3", "twig T=2", "gate T=3", "| gate threshold | 0.25 |", "QZoom.from_pretrained(",
                  f"qzoom-adapters {qz.__version__}", "qwen2_5_vl"):
         assert text in card, text
@@ -188,6 +189,11 @@ def test_benchmarks_force_boxes_without_touching_the_zoom(qwen25, tmp_path, monk
         def __init__(self):
             self.config = qz.ZoomConfig(gate_threshold=0.5)
             self.model = type("M", (), {"device": torch.device("cpu")})()
+
+        def with_config(self, **overrides):  # as QZoom.with_config: a copy with other settings
+            other = copy.copy(self)
+            other.config = self.config.model_copy(update=overrides)
+            return other
 
         def generate_from_inputs(self, inputs, images, max_new_tokens):
             return [qz.ZoomOutput(tokens=[1], text="x", zoomed=False, gate_prob=0.1, visual_tokens=4)]

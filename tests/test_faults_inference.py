@@ -17,6 +17,7 @@ from qzoom_adapters.backbones.qwen2_5_vl import Qwen2_5_VLSpec
 from qzoom_adapters.backbones.tiny_processor import TINY_VOCAB_SIZE, tiny_llava_processor, tiny_qwen2_5_vl_processor
 from qzoom_adapters.hooks import capture_layer_input
 from qzoom_adapters.images import load_image, source_image
+from qzoom_adapters.model_files import load_model
 from qzoom_adapters.recipes.cli import main
 from qzoom_adapters.testing import synthetic_image
 
@@ -286,7 +287,7 @@ def test_truncated_weights_name_the_file(saved, tmp_path, zoom):
     data = (model_dir / "model.safetensors").read_bytes()
     (model_dir / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(qz.QZoomError, match="model.safetensors.*truncated"):
-        qz.io.load_model(model_dir)
+        load_model(model_dir)
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
@@ -300,7 +301,7 @@ def test_weights_fifo_is_refused_not_waited_on(saved, tmp_path, zoom, capsys):
     (model_dir / "model.safetensors").unlink()
     os.mkfifo(model_dir / "model.safetensors")
     with pytest.raises(qz.QZoomError, match="not a regular file"):
-        qz.io.load_model(model_dir)
+        load_model(model_dir)
     os.mkfifo(tmp_path / "img.png")
     rc, err = _cli(capsys, "--model", str(model_dir), "--adapters", str(adapters), "--image", str(tmp_path / "img.png"),
                    "--question", "q")

@@ -17,9 +17,10 @@ from qzoom_adapters.recipes.cli import main
 from qzoom_adapters.recipes.config import TrainSection, load_config
 from qzoom_adapters.recipes.data import JsonlAppender, read_jsonl, read_records
 from qzoom_adapters.recipes.label_store import MANIFEST, LabelStore, LabelWriter, weights_fingerprint
+from qzoom_adapters.recipes.run_folder import RUN_NAME
 from qzoom_adapters.recipes.stage1 import make_stage1_labels, train_stage1
 from qzoom_adapters.recipes.tiny import write_tiny_setup
-from qzoom_adapters.recipes.trainer import DONE_NAME, RUN_NAME, Trainer, _Log
+from qzoom_adapters.recipes.trainer import DONE_NAME, Trainer, _Log
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
