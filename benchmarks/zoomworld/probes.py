@@ -8,7 +8,9 @@
 * **grounding:** the plain model asked "Where is the red plate?" (and the detail question + GROUNDING_PROMPT,
   the stage-1 teacher's prompt) on whole scenes: the share of well-formed boxes, mean IoU with the asked plate
   and the share with IoU >= 0.5. It says whether the base model binds a colour word to a plate, which the
-  natural-mode labels need.
+  natural-mode labels need;
+* **binding:** per decoder head, the share of its plate attention that lands on the asked plate (`binding`), from
+  the rows that must find it (an answer's first row, a box's rows, the question's colour word).
 
     python -m qzoom_adapters.benchmarks.zoomworld.probes [--model DEFAULT_DIR] [--n 32] [--budgets 64,128] [--grounding-only]
 
@@ -71,6 +73,44 @@ def grounding(model, processor, spec, samples, budgets=(256, 1024), batch_size: 
 
 
 @torch.no_grad()
+def binding(model, processor, n: int = 24, budgets=(64, 128, 1024), layers=range(6)) -> dict:
+    """Per budget and (layer, head): of the attention that the rows binding to a plate (`AnswerCollate.binding_targets`:
+    an answer's first row, a box's rows, the question's colour word) give to plates, the share on the asked plate;
+    `uniform` is that share for attention spread evenly over the plates' cells. A head that binds colour words
+    to plates is well above uniform; before the binding loss every head of the run-11 model sat at uniform."""
+    from contextlib import ExitStack
+
+    from qzoom_adapters.hooks import capture_layer_input
+
+    from .train import AnswerCollate, AnswerObjective, stream_item
+
+    items = [stream_item(VAL_SEED + i, crop_p=0.0, square_p=0.0) for i in range(n)]
+    dev = next(model.parameters()).device
+    objective = AnswerObjective(model, processor, bind_pairs={layer: tuple(range(model.config.text_config.num_attention_heads))
+                                                              for layer in layers})
+    out = {}
+    for b in budgets:
+        batch = AnswerCollate(processor, (b,))(items)
+        inputs = {k: v.to(dev) for k, v in batch["inputs"].items()}
+        pixels = objective.layout.normalize(inputs.pop("pixel_values_u8")).to(model.dtype)
+        ids, mask = inputs["input_ids"], inputs["attention_mask"]
+        embeds, pos, _, extra = objective.trunk.encode(ids, mask, pixels, inputs["image_grid_thw"])
+        with ExitStack() as stack:
+            caps = {i: stack.enter_context(capture_layer_input(objective.spec.layers[i], prefill_only=False))
+                    for i in objective.bind_pairs}
+            model(inputs_embeds=embeds, attention_mask=mask, position_ids=objective.trunk.model_positions(pos),
+                  use_cache=False, **extra)
+        image, valid, target = ids == objective.image_token_id, batch["bind_valid"].to(dev), batch["bind_target"].to(dev)
+        plates = target.any(1, keepdim=True).expand_as(target)  # every plate the item asks about (all of them)
+        asked = objective.binding_mass(caps, batch, image, mask)
+        spread = objective.binding_mass(caps, batch, image, mask, target=plates)
+        out[b] = {f"{layer}.{head}": round(float(asked[(layer, head)][0][valid].sum() / spread[(layer, head)][0][valid].sum()), 3)
+                  for layer, head in asked}
+        out[b]["uniform"] = round(float((target.sum(-1).float() / plates.sum(-1).float().clamp(min=1))[valid].mean()), 3)
+    return out
+
+
+@torch.no_grad()
 def probe(model_dir=None, n: int = 32, budgets=(64, 128), grounding_only: bool = False) -> dict:
     from .bench import run_baseline, view_inputs
     from .shipped import DEFAULT_DIR, load_default
@@ -85,11 +125,11 @@ def probe(model_dir=None, n: int = 32, budgets=(64, 128), grounding_only: bool =
         model, processor, spec = load_backbone(str(model_dir), eval_mode=True)
         if torch.cuda.is_available():
             model.to("cuda", torch.bfloat16)
-        return {"n": n, "grounding": grounding(model, processor, spec, samples)}
+        return {"n": n, "grounding": grounding(model, processor, spec, samples), "binding": binding(model, processor)}
     zoom, spec, processor = load_default(model_dir or DEFAULT_DIR)
     found = grounding(zoom.model, processor, spec, samples)
     if grounding_only:
-        return {"n": n, "grounding": found}
+        return {"n": n, "grounding": found, "binding": binding(zoom.model, processor)}
     crops = [dataclasses.replace(s, image=crop_view(s.image, s.box, random.Random(i))[0]) for i, s in enumerate(samples)]
     out = {"n": n, "grounding": found, "crop_reading": {}, "oracle_twig": {}}
     for b in budgets:

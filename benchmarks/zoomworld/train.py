@@ -14,14 +14,18 @@ import copy
 import json
 import random
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
 from PIL import Image
 from torch import nn
 
+from qzoom_adapters.hooks import capture_layer_input
+from qzoom_adapters.probe import attention_rows
+
 from .batches import FastChatInputs, PatchLayout
-from .generator import TEST_SEED, VAL_SEED, Plate, grounding_questions, make_scene, scene_questions
+from .generator import COLOURS, TEST_SEED, VAL_SEED, Plate, grounding_questions, make_scene, scene_questions
 from .model import BUDGETS, FACTOR, new_model
 
 
@@ -64,36 +68,63 @@ class StreamDataset(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i):
-        seed = self.base + i
-        rng = random.Random(seed * 104729 + 17)
-        image, plates = make_scene(seed)
-        qas = scene_questions(plates)
-        l, t = 0, 0
-        if rng.random() < self.crop_p:
-            image, (l, t, r, b) = crop_view(image, rng.choice(plates).box, rng)
-            qas = [qa for qa in qas if qa[3] == "code"]
-        elif self.grounding and rng.random() < self.square_p:
-            W, H = image.size
-            side = max(W, H)
-            square = Image.new("RGB", (side, side), GREY)
-            l, t = -((side - W) // 2), -((side - H) // 2)
-            square.paste(image, (-l, -t))
-            image = square
+        return stream_item(self.base + i, self.crop_p, self.square_p, self.grounding)
+
+
+def stream_item(seed: int, crop_p: float = CROP_VIEW_P, square_p: float = SQUARE_VIEW_P, grounding: bool = True) -> dict:
+    """The item `StreamDataset` gives for `seed` (any split's seeds: the probes read validation scenes with it)."""
+    rng = random.Random(seed * 104729 + 17)
+    image, plates = make_scene(seed)
+    qas = scene_questions(plates)
+    l, t = 0, 0
+    if rng.random() < crop_p:
+        image, (l, t, r, b) = crop_view(image, rng.choice(plates).box, rng)
+        qas = [qa for qa in qas if qa[3] == "code"]
+    elif grounding and rng.random() < square_p:
         W, H = image.size
-        # the plates in view, in the view's coordinates
-        shown = [Plate(p.colour, p.code, (p.box[0] - l, p.box[1] - t, p.box[2] - l, p.box[3] - t), p.glyphs)
-                 for p in plates]
-        shown = [p for p in shown if p.box[0] >= 0 and p.box[1] >= 0 and p.box[2] <= W and p.box[3] <= H]
-        codes = {p.code for p in shown}
-        qas = [qa for qa in qas if qa[3] != "code" or qa[1] in codes]
-        if self.grounding and shown:
-            ground = grounding_questions(shown, (W, H))
-            by_plate = [ground[k:k + 3] for k in range(0, len(ground), 3)]  # where, box_for, reverse
-            qas += [rng.choice(g[:2]) for g in by_plate] + [rng.choice(by_plate)[2]]
-        rng.shuffle(qas)
-        glyphs = [(ch, (x1 + x2) / 2 - l, (y1 + y2) / 2 - t, y2 - y1) for p in plates for ch, (x1, y1, x2, y2) in p.glyphs
-                  if 0 <= (x1 + x2) / 2 - l < W and 0 <= (y1 + y2) / 2 - t < H]
-        return {"image": image, "qas": [(q, a) for q, a, *_ in qas], "seed": seed, "glyphs": glyphs}
+        side = max(W, H)
+        square = Image.new("RGB", (side, side), GREY)
+        l, t = -((side - W) // 2), -((side - H) // 2)
+        square.paste(image, (-l, -t))
+        image = square
+    W, H = image.size
+    # the plates in view, in the view's coordinates
+    shown = [Plate(p.colour, p.code, (p.box[0] - l, p.box[1] - t, p.box[2] - l, p.box[3] - t), p.glyphs)
+             for p in plates]
+    shown = [p for p in shown if p.box[0] >= 0 and p.box[1] >= 0 and p.box[2] <= W and p.box[3] <= H]
+    codes = {p.code for p in shown}
+    qas = [qa for qa in qas if qa[3] != "code" or qa[1] in codes]
+    if grounding and shown:
+        ground = grounding_questions(shown, (W, H))
+        by_plate = [ground[k:k + 3] for k in range(0, len(ground), 3)]  # where, box_for, reverse
+        qas += [rng.choice(g[:2]) for g in by_plate] + [rng.choice(by_plate)[2]]
+    rng.shuffle(qas)
+    boxes = [None if box is None else (box if qa_kind == "grounding" else _moved(box, l, t))
+             for _, _, qa_kind, _, box in qas]
+    glyphs = [(ch, (x1 + x2) / 2 - l, (y1 + y2) / 2 - t, y2 - y1) for p in plates for ch, (x1, y1, x2, y2) in p.glyphs
+              if 0 <= (x1 + x2) / 2 - l < W and 0 <= (y1 + y2) / 2 - t < H]
+    return {"image": image, "qas": [(q, a) for q, a, *_ in qas], "boxes": boxes, "seed": seed, "glyphs": glyphs}
+
+
+def _colour_word_end(question: str, ids_of) -> int | None:
+    """The token index, within the question's tokens, of the last character of its colour word (None without one)."""
+    for colour in COLOURS:
+        at = question.find(f" {colour} ")
+        if at >= 0:
+            return len(ids_of(question[: at + 1 + len(colour)])) - 1
+    return None
+
+
+def _last_occurrence(seq: list, sub: list) -> int | None:
+    for i in range(len(seq) - len(sub), -1, -1):
+        if seq[i: i + len(sub)] == sub:
+            return i
+    return None
+
+
+def _moved(box, left: int, top: int):
+    """A scene-pixel box in the coordinates of a view whose top-left corner is the scene's (left, top)."""
+    return box[0] - left, box[1] - top, box[2] - left, box[3] - top
 
 
 class AnswerCollate:
@@ -118,18 +149,20 @@ class AnswerCollate:
         budget = self.budgets[items[0]["seed"] % len(self.budgets)]
         inputs = self.fast([it["image"] for it in items], [it["qas"][0][0] for it in items], budget * FACTOR**2)
         eos, pad = self.processor.tokenizer.eos_token_id, self.processor.tokenizer.pad_token_id
-        tails = []
+        tails, answer_spans = [], []
         for it in items:
-            ids, lab = [], []
+            ids, lab, spans = [], [], []
             for k, (q, a) in enumerate(it["qas"]):
                 if k:  # the next user turn (no loss), then its answer
                     turn = self._ids(self.next_turn[0]) + self._ids(q) + self._ids(self.next_turn[1])
                     ids += turn
                     lab += [-100] * len(turn)
                 ans = self._ids(a) + [eos]
+                spans.append((len(ids), len(ans) - 1))  # where its answer starts in the tail, its length without eos
                 ids += ans
                 lab += ans
             tails.append((ids, lab))
+            answer_spans.append(spans)
         n = max(len(t[0]) for t in tails)
         B = len(items)
         ids = torch.full((B, n), pad)
@@ -145,7 +178,55 @@ class AnswerCollate:
         if "mm_token_type_ids" in inputs:
             inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(ids)], dim=1)
         glyph_rows, glyph_ids = self.glyph_targets(items, inputs["image_grid_thw"])
-        return {"inputs": inputs, "labels": labels, "glyph_rows": glyph_rows, "glyph_ids": glyph_ids}
+        prompt_len = labels.shape[1] - n
+        bind = self.binding_targets(items, answer_spans, prompt_len, inputs["input_ids"], inputs["image_grid_thw"])
+        return {"inputs": inputs, "labels": labels, "glyph_rows": glyph_rows, "glyph_ids": glyph_ids, **bind}
+
+    def binding_targets(self, items, answer_spans, prompt_len: int, input_ids, grids, max_rows: int = 8) -> dict:
+        """The rows that predict an answer about one plate (the first; a box's first `max_rows`) and, per row, the image
+        tokens whose merged cell touches that plate: `bind_rows` (B, R), `bind_valid` (B, R), `bind_target` (B, R, S).
+
+        Image tokens are the prompt's image pads, in the raster order of the merged grid (one image per item)."""
+        unit = self.fast.layout.factor
+        image = input_ids == self.fast.image_token_id
+        per_item = []
+        for it, spans, (_, gh, gw), b in zip(items, answer_spans, grids.tolist(), range(len(items))):
+            W, H = it["image"].size
+            ch_, cw_ = gh * self.fast.layout.patch // unit, gw * self.fast.layout.patch // unit
+            sx, sy = gw * self.fast.layout.patch / W, gh * self.fast.layout.patch / H
+            pads = image[b].nonzero().flatten()
+            rows = []
+            for box, (start, length), (question, answer) in zip(it.get("boxes", ()), spans, it["qas"]):
+                if box is None:
+                    continue
+                # a code or colour answer's later rows could find the plate by echoing the characters already
+                # written (a teacher-forced 'K' matches the glyph K): only its first row must bind; a box's
+                # digits echo nothing in the image, so all its rows (up to max_rows) count
+                n_rows = min(length, max_rows) if answer.startswith("[") else 1
+                x1, y1, x2, y2 = box
+                cells = torch.zeros(ch_, cw_, dtype=torch.bool)
+                cells[min(int(y1 * sy // unit), ch_ - 1): max(int(-(-y2 * sy // unit)), 1),
+                      min(int(x1 * sx // unit), cw_ - 1): max(int(-(-x2 * sx // unit)), 1)] = True
+                keys = pads[cells.flatten()]
+                for r in range(n_rows):
+                    rows.append((prompt_len + start + r - 1, keys))
+                word = _colour_word_end(question, self._ids)
+                if word is not None:  # the question's colour word (its last character): the same plate
+                    q_ids = self._ids(question)
+                    at = _last_occurrence(input_ids[b, : prompt_len + start].tolist(), q_ids)
+                    if at is not None:
+                        rows.append((at + word, keys))
+            per_item.append(rows)
+        B, S = input_ids.shape
+        R = max(1, max(len(r) for r in per_item))
+        out = {"bind_rows": torch.zeros(B, R, dtype=torch.long), "bind_valid": torch.zeros(B, R, dtype=torch.bool),
+               "bind_target": torch.zeros(B, R, S, dtype=torch.bool)}
+        for b, rows in enumerate(per_item):
+            for r, (row, keys) in enumerate(rows):
+                out["bind_rows"][b, r] = row
+                out["bind_valid"][b, r] = True
+                out["bind_target"][b, r, keys] = True
+        return out
 
     def glyph_targets(self, items, grids, min_height: float = 10.0):
         """Rows of the visual features (all images concatenated, raster order of merged cells) that hold exactly
@@ -170,13 +251,23 @@ class AnswerCollate:
         return torch.tensor(rows, dtype=torch.long), torch.tensor(ids, dtype=torch.long)
 
 
+BIND_PAIRS = {2: (0, 1), 3: (0, 1)}  # (layer: heads) whose attention the binding loss teaches to find the asked plate
+
+
 class AnswerObjective(nn.Module):
     """Answer loss (every parameter training) plus, with weight `glyph_weight`, a dense reading loss: the LM
     head must name the character under each visual feature that holds one (see `glyph_targets`). It gives
     the from-scratch vision tower a signal per character instead of one per answer; the model and its
-    forward are the ordinary HF ones (the loss only reads the features the LLM receives)."""
+    forward are the ordinary HF ones (the loss only reads the features the LLM receives).
 
-    def __init__(self, model, processor, glyph_weight: float = 1.0):
+    With `bind_weight` > 0, a binding loss as well: at the `BIND_PAIRS` heads, the rows that predict an answer
+    about a plate (its code, its box, its colour) must put their image attention on that plate's cells
+    (-log of the share of image attention there, mean over rows and pairs). It stands in for the grounded
+    attention real VLMs bring from their pretraining data (a 6M model with no absolute position features did not
+    learn to ground from box answers in 1430 steps: box IoU 0.002-0.02); the twig still learns from the model's
+    own attention, with heads chosen by `qzoom heads`."""
+
+    def __init__(self, model, processor, glyph_weight: float = 1.0, bind_weight: float = 0.0, bind_pairs=None):
         super().__init__()
         from qzoom_adapters.spec import get_spec
         from qzoom_adapters.trunk import Trunk
@@ -184,8 +275,11 @@ class AnswerObjective(nn.Module):
         self.model = model
         self.layout = PatchLayout(processor.image_processor)
         self.glyph_weight = glyph_weight
+        self.bind_weight = bind_weight
+        self.bind_pairs = dict(BIND_PAIRS if bind_pairs is None else bind_pairs)
         self.spec = get_spec(model)
         self.trunk = Trunk(self.spec)
+        self.image_token_id = processor.tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", "<|image_pad|>"))
 
     @staticmethod
     def loss_terms(batch) -> int:
@@ -197,15 +291,43 @@ class AnswerObjective(nn.Module):
         pixels = self.layout.normalize(inputs.pop("pixel_values_u8"))
         ids, mask, grids = inputs["input_ids"], inputs["attention_mask"], inputs["image_grid_thw"]
         embeds, pos, feats, extra = self.trunk.encode(ids, mask, pixels, grids)
-        out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=self.trunk.model_positions(pos),
-                         labels=batch["labels"].to(dev), use_cache=False, **extra)
-        loss, glyph = out.loss, out.loss.new_zeros(())
+        binding = self.bind_weight > 0 and bool(batch["bind_valid"].any())
+        with ExitStack() as stack:
+            caps = {i: stack.enter_context(capture_layer_input(self.spec.layers[i], prefill_only=False))
+                    for i in (self.bind_pairs if binding else ())}
+            out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=self.trunk.model_positions(pos),
+                             labels=batch["labels"].to(dev), use_cache=False, **extra)
+        loss, glyph, bind = out.loss, out.loss.new_zeros(()), out.loss.new_zeros(())
         rows = batch["glyph_rows"].to(dev)
         if self.glyph_weight and rows.numel():
             logits = self.model.get_output_embeddings()(feats.embeds[rows])
             glyph = nn.functional.cross_entropy(logits.float(), batch["glyph_ids"].to(dev))
-        total = loss + self.glyph_weight * glyph
-        return (total, loss.detach(), glyph.detach()) if parts else total
+        if binding:
+            bind = self.binding_loss(caps, batch, ids == self.image_token_id, mask)
+        total = loss + self.glyph_weight * glyph + self.bind_weight * bind
+        return (total, loss.detach(), glyph.detach(), bind.detach()) if parts else total
+
+    def binding_mass(self, caps, batch, image, mask, target=None) -> dict:
+        """{(layer, head): ((B, R) attention on the rows' plate cells, (B, R) attention on all image tokens)}."""
+        dev = image.device
+        rows = batch["bind_rows"].to(dev)
+        target = (batch["bind_target"] if target is None else target).to(dev)
+        masses = {}
+        for layer, heads in self.bind_pairs.items():
+            attn = attention_rows(self.spec, self.spec.layers[layer], caps[layer].hidden, caps[layer].kwargs, rows, mask)
+            on_image = (attn * image[:, None, None, :]).sum(-1)  # (B, H, R)
+            on_plate = (attn * target[:, None]).sum(-1)
+            for h in heads:
+                masses[(layer, h)] = on_plate[:, h], on_image[:, h]
+        return masses
+
+    def binding_loss(self, caps, batch, image, mask) -> torch.Tensor:
+        """-log(plate / (image + 0.01)): a head that looks away from the image is pushed to the plate too (a bare
+        plate / image ratio would reward a head whose little image attention happens to sit there)."""
+        valid = batch["bind_valid"].to(image.device).float()
+        per_pair = [-(((plate + 1e-6) / (img + 0.01)).clamp(max=1.0).log() * valid).sum() / valid.sum()
+                    for plate, img in self.binding_mass(caps, batch, image, mask).values()]
+        return torch.stack(per_pair).mean()
 
 
 def measure(objective, collate, batch_size: int, num_workers: int, seconds: float = 12.0,
@@ -259,7 +381,7 @@ def measure(objective, collate, batch_size: int, num_workers: int, seconds: floa
 def train(out, steps: int | None, batch_size: int = 32, lr: float = 1e-3, num_workers: int = 0, seed: int = 0,
           stop_after: int | None = None, max_seconds: float | None = None, init: str | None = None,
           plan_seconds: float | None = None, budgets=BUDGETS, crop_p: float = CROP_VIEW_P,
-          square_p: float = SQUARE_VIEW_P, grounding: bool = True) -> dict:
+          square_p: float = SQUARE_VIEW_P, grounding: bool = True, bind_weight: float = 0.0) -> dict:
     """Train (or continue from `init`, a saved model folder) for `steps`, or as many as `plan_seconds` allow
     at the measured throughput (the cosine schedule then ends on time)."""
     from qzoom_adapters.recipes.config import TrainSection
@@ -274,7 +396,7 @@ def train(out, steps: int | None, batch_size: int = 32, lr: float = 1e-3, num_wo
     # one process per GPU under `accelerate launch` / torchrun: each process trains on its own device
     state = process_state()
     world = state.num_processes
-    objective = AnswerObjective(model.to(state.device), processor)
+    objective = AnswerObjective(model.to(state.device), processor, bind_weight=bind_weight)
     collate = AnswerCollate(processor, tuple(budgets))
     probe = None
     if plan_seconds is not None and world > 1:
@@ -316,6 +438,8 @@ def main(argv=None) -> int:
                    help="share of scene items padded to a grey square (the stage-1 teacher's view)")
     p.add_argument("--no-grounding", action="store_true",
                    help="train without the grounding and reverse-binding questions (the mix before run 10)")
+    p.add_argument("--bind-weight", type=float, default=0.0,
+                   help="weight of the binding loss (AnswerObjective): the BIND_PAIRS heads' attention on the asked plate")
     p.add_argument("--init", help="continue from this saved model folder (new optimizer and schedule)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -326,7 +450,7 @@ def main(argv=None) -> int:
     result = train(args.out, args.steps, args.batch_size, args.lr, args.num_workers, args.seed,
                    max_seconds=args.max_seconds, init=args.init, plan_seconds=args.plan_seconds,
                    budgets=[int(b) for b in args.budgets.split(",")], crop_p=args.crop_p, square_p=args.square_p,
-                   grounding=not args.no_grounding)
+                   grounding=not args.no_grounding, bind_weight=args.bind_weight)
     from qzoom_adapters.recipes.trainer import process_state
 
     if process_state().is_main_process:  # every process returns the same summary
