@@ -341,3 +341,37 @@ def test_threshold_counts_only_the_detail_questions_the_budget_gets_wrong():
     got = choose(probs, fam, need)
     assert got["worst_rate"] == 1.0 and 0.5 < got["threshold"] < 0.9
     assert choose(probs, fam)["worst_rate"] < 1.0  # without `need` the 0.3 question must fire too
+
+
+def test_binding_targets_point_at_the_asked_plate_and_the_loss_reads_them():
+    """The binding loss's rows are an answer's first row (a box's first rows) and the question's colour word;
+    their targets are exactly the image tokens whose merged cells touch the asked plate."""
+    import torch
+
+    from qzoom_adapters.benchmarks.zoomworld.model import FACTOR, new_model
+    from qzoom_adapters.benchmarks.zoomworld.probes import box_cells
+    from qzoom_adapters.benchmarks.zoomworld.train import AnswerCollate, AnswerObjective, stream_item
+
+    model, processor = new_model(0)
+    item = stream_item(3_000_001, crop_p=0.0, square_p=0.0)
+    (q, a), box = item["qas"][0], item["boxes"][0]
+    assert box is not None, "seed chosen so that the first question is about a plate"
+    one = dict(item, qas=[(q, a)], boxes=[box])
+    batch = AnswerCollate(processor, (64,))([one])
+    ids, tok = batch["inputs"]["input_ids"][0], processor.tokenizer
+    rows = batch["bind_rows"][0][batch["bind_valid"][0]].tolist()
+    texts = [tok.decode(ids[r]) for r in rows]
+    assert texts[0] == "\n"  # the row before the answer: the end of the assistant header
+    n_answer = min(len(a), 8) if a.startswith("[") else 1
+    colour = next(c for c in ("red", "blue", "green", "yellow", "purple", "orange") if f" {c} " in q)
+    assert len(rows) == n_answer + 1 and texts[-1] == colour[-1]
+    _, gh, gw = batch["inputs"]["image_grid_thw"][0].tolist()
+    cells = box_cells(box, one["image"].size, gh * 14 // FACTOR, gw * 14 // FACTOR).flatten().bool()
+    image_pos = (ids == tok.convert_tokens_to_ids("<|image_pad|>")).nonzero().flatten()
+    for r in range(len(rows)):
+        assert torch.equal(batch["bind_target"][0, r].nonzero().flatten(), image_pos[cells])
+    objective = AnswerObjective(model, processor, bind_weight=1.0)
+    total, answer, glyph, bind = objective(batch, parts=True)
+    assert bind > 0 and torch.isclose(total, answer + glyph + bind, atol=1e-5)
+    objective.bind_weight = 0.0
+    assert torch.isclose(objective(batch), answer + glyph, atol=1e-5)
