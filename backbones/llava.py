@@ -28,6 +28,11 @@ class LlavaSpec(VisionLanguageSpec):
 
     family = "llava"
     model_types = ("llava",)
+    # the transformers <= 4.51 layout (SD-RPN's LLaVA-1.5 checkpoints): io.map_checkpoint_keys applies these where
+    # transformers did not convert a key
+    checkpoint_key_renames = ((r"^language_model\.model\.", "model.language_model."),
+                              (r"^language_model\.lm_head\.", "lm_head."),
+                              (r"^(vision_tower|multi_modal_projector)\.", r"model.\1."))
     rope_axes = 1
     default_position_mode = "sequential"
     default_K = {"7B": 15}

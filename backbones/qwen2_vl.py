@@ -25,6 +25,15 @@ class Qwen2VLSpec(VisionLanguageSpec):
     default_position_mode = "aligned"
     grid_keeps_aspect = True  # smart_resize keeps the aspect ratio up to a token of rounding per side
     MAX_CROP_TOKENS = 16384  # the Qwen-VL processors' own default ceiling (max_pixels = 16384 merged tokens)
+    # checkpoints of the transformers <= 4.51 layout (the released Q-Zoom Qwen2.5-VL ones): decoder under `model.`,
+    # vision tower under `visual.`; io.map_checkpoint_keys applies these where transformers did not convert a key
+    checkpoint_key_renames = ((r"^model\.(?!language_model\.|visual\.)", "model.language_model."),
+                              (r"^visual\.", "model.visual."))
+    vision_attention_config = "vision_config"  # its vision attention takes cu_seqlens (qzoom_adapters.vision_attention)
+
+    @property
+    def vision_tower(self):
+        return self.core.visual
 
     @property
     def merge_size(self) -> int:

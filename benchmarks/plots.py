@@ -9,7 +9,8 @@ from qzoom_adapters.benchmarks.zoomworld.generator import _font
 
 
 SERIES_COLOURS = {"baseline": (60, 90, 160), "Q-Zoom": (220, 110, 20), "plain": (60, 90, 160),
-                  "zoomed": (220, 110, 20), "not zoomed": (40, 150, 80), "50% zoomed": (150, 60, 160)}
+                  "zoomed": (220, 110, 20), "not zoomed": (40, 150, 80), "50% zoomed": (150, 60, 160),
+                  "zoomed, fast vision": (200, 40, 40)}
 PLOT_SIZE = (760, 500)
 MARGINS = (80, 70, 40, 60)  # left, top, right, bottom: room for tick labels, title and legend
 

@@ -8,17 +8,27 @@ budget = the global budget, so a zoomed sample reads about 2x the budget in visu
 
 Per backbone, attention implementation, visual-token budget, batch size and number of new tokens (EOS off):
 
-* `plain`: the unmodified model, HF `generate` (greedy);
-* `plain_ours`: the pipeline without a gate and never zooming (pass A + layers K..L-1 + our decode loop), i.e.
-  the plain model with this library's decoder;
-* `not_zoomed` / `zoomed` / `fire50`: the gated pipeline with the gate's decision forced off / on / on for
-  every other sample (at batch 1, `fire50` is the mean of `zoomed` and `not_zoomed`: half the requests zoom).
+* `plain`: the unmodified model, HF `generate` (greedy); at batch 1 also `plain_fast`, the same inside
+  `qz.fast_vision_attention`;
+* per vision setting, the model's own vision path (no suffix) and the fast one (suffix `_fast`, `FAST`: the packed
+  vision attention + crops preprocessed on the device):
+  * `plain_ours`: the pipeline without a gate and never zooming (pass A + layers K..L-1 + our decode loop), i.e.
+    the plain model with this library's decoder;
+  * `not_zoomed` / `zoomed` / `fire50`: the gated pipeline with the gate's decision forced off / on / on for
+    every other sample (at batch 1, `fire50` is the mean of `zoomed` and `not_zoomed`: half the requests zoom).
+  Batch 1 measures them all; a larger batch measures `fire50` for both settings and `plain_ours_fast` (the baseline
+  of the fast ratios); `every_mode=True` measures all of them at every batch.
 
-Times are device-synchronised medians of `repeats` runs after one warm-up, from processed inputs on the device
-to token ids (`prep_s`, the processor on the host, is reported beside them). The pipeline's stages come from
+Times are device-synchronised medians after one warm-up, of at most `repeats` timed runs, fewer once the timed runs
+of one measurement have taken `TIME_CAP_S` (each measurement records its `runs`), from processed inputs on the
+device to token ids (`prep_s`, the processor on the host, is reported beside them). The pipeline's stages come from
 `qzoom_adapters.timing.StageTimer` (CUDA events). Two floors are measured in the same run: prefill FLOPs
 (counted by torch's FlopCounterMode on the plain forward) / the measured bf16 matmul rate, and decode bytes per
-step (decoder weights + the KV cache read) / the measured device copy bandwidth.
+step (decoder weights + the KV cache read) / the measured device copy bandwidth. Also in the same run: how close the
+fast vision attention is to sdpa (`vision_closeness.py`, fp32 and bf16, with the tower's own latency) and how far
+crop preprocessing on the device is from the host path (`crop_preprocess.py`). The issue's target ratios come from
+these rows (`speed_report.py`). With `max_seconds`, a configuration whose predicted time (from the last one at the
+same budget, scaled by batch size) would end past it is skipped and listed.
 
 Writes a JSON report, a Markdown table and a latency plot (PNG) side by side: by default in `./qzoom-bench/` of the
 current directory (`default_out`), never in `benchmarks/results/` (whose committed files the README links) unless
@@ -36,9 +46,11 @@ from pathlib import Path
 
 import torch
 
+from qzoom_adapters.benchmarks.crop_preprocess import crop_preprocess_report
 from qzoom_adapters.benchmarks.forced_box import centred_box, with_sink_mask
-from qzoom_adapters.benchmarks.plots import line_plot
 from qzoom_adapters.benchmarks.provenance import git_commit, machine
+from qzoom_adapters.benchmarks.speed_report import latency_plot, markdown_table, ms, summarise_targets
+from qzoom_adapters.benchmarks.vision_closeness import vision_closeness
 
 RESULTS_OUT = Path(__file__).resolve().parent / "results" / "speed.json"  # the committed results
 
@@ -51,7 +63,10 @@ def default_out() -> Path:
 BUDGETS = (256, 576, 1024, 2048, 4096)
 BATCH_SIZES = (1, 4, 8, 16)
 NEW_TOKENS = (16, 64)
-MODES = ("plain", "plain_ours", "not_zoomed", "zoomed", "fire50")
+PIPELINE_MODES = ("plain_ours", "not_zoomed", "zoomed", "fire50")
+FAST = {"vision_attention": "varlen", "crop_preprocess": "device"}  # the fast vision path (suffix `_fast`)
+MODES = ("plain", "plain_fast", *PIPELINE_MODES, *(m + "_fast" for m in PIPELINE_MODES))  # keys of a batch-1 row
+TIME_CAP_S = 4.0  # a measurement stops adding timed runs once they took this long (at least one after the warm-up)
 QUESTIONS = ("What is written on the small sign?", "How many plates are there?",
              "What colour is the largest plate in this picture, and what is written on it?", "Read the code.")
 SOURCE_SIZE = (2688, 2016)  # 5.4 MP: every budget up to 4096 tokens downsamples it
@@ -79,6 +94,7 @@ SHAPES = {
                     deepstack_visual_indexes=[5, 11, 17], hidden_act="gelu_pytorch_tanh", in_channels=3)),
 }
 QUICK = dict(backbones=("tiny_qwen2_5_vl",), budgets=(16, 36), batch_sizes=(1, 2), new_tokens=(4,), repeats=1)
+QUICK_SOURCE_SIZE = (320, 240)
 
 
 # --- the backbone ---------------------------------------------------------------------------------------
@@ -151,14 +167,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed_runs(fn, device, repeats: int, stages: bool = False):
-    """One warm-up call, then `repeats` synchronised calls: (median seconds, median seconds per pipeline
-    stage (`stages=True`, from a `StageTimer`) or None, the last call's result)."""
+def _timed_runs(fn, device, repeats: int, stages: bool = False, cap_s: float | None = None):
+    """One warm-up call, then up to `repeats` synchronised calls (fewer once they have taken `cap_s`; at least one):
+    (median seconds, median seconds per pipeline stage (`stages=True`, from a `StageTimer`) or None, the last call's
+    result, the number of timed calls)."""
     from qzoom_adapters.timing import StageTimer
 
     out = fn()
     times, per_stage = [], []
-    for _ in range(repeats):
+    for _ in range(max(1, repeats)):
         _sync(device)
         t0 = time.perf_counter()
         with StageTimer(device) if stages else contextlib.nullcontext() as timer:
@@ -167,10 +184,13 @@ def _timed_runs(fn, device, repeats: int, stages: bool = False):
         times.append(time.perf_counter() - t0)
         if stages:
             per_stage.append(timer.seconds())
+        if cap_s is not None and sum(times) >= cap_s:
+            break
     if not stages:
-        return statistics.median(times), None, out
+        return statistics.median(times), None, out, len(times)
     names = sorted({k for s in per_stage for k in s})
-    return statistics.median(times), {k: statistics.median(s.get(k, 0.0) for s in per_stage) for k in names}, out
+    return (statistics.median(times), {k: statistics.median(s.get(k, 0.0) for s in per_stage) for k in names}, out,
+            len(times))
 
 
 def _median_time(fn, device, repeats: int) -> float:
@@ -231,13 +251,24 @@ def decode_bytes_per_step(bb: Backbone, batch: int, context: float) -> float:
 
 
 # --- one configuration ----------------------------------------------------------------------------------
-def _inputs(bb: Backbone, image, budget: int, batch: int, device):
+def processed(bb: Backbone, images: list, budget: int, device):
+    """Processor inputs for `images` (one question each) at `budget` visual tokens, on `device`."""
     from qzoom_adapters.recipes.models import batch_to
 
+    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(len(images))]
+    return batch_to(bb.spec.chat_inputs(bb.processor, images, questions, pixels=budget * bb.factor**2), device)
+
+
+def _inputs(bb: Backbone, image, budget: int, batch: int, device):
     images = [image] * batch
-    questions = [QUESTIONS[i % len(QUESTIONS)] for i in range(batch)]
-    inputs = bb.spec.chat_inputs(bb.processor, images, questions, pixels=budget * bb.factor**2)
-    return batch_to(inputs, device), images
+    return processed(bb, images, budget, device), images
+
+
+def source_image(quick: bool):
+    """The benchmark's source image (5.4 MP; small in quick runs)."""
+    from qzoom_adapters.testing.kit import synthetic_image
+
+    return synthetic_image(*(QUICK_SOURCE_SIZE if quick else SOURCE_SIZE), seed=1)
 
 
 BOX_SIDE = 0.5  # the fixed box's side is about BOX_SIDE / 2 of each grid side (+ the blur's one-cell halo)
@@ -262,32 +293,56 @@ def fixed_box_spec(spec):
     return with_sink_mask(spec, centred, "FixedBox")
 
 
-def _zoom(bb: Backbone, budget: int, gate: bool):
+def pipeline(bb: Backbone, budget: int, gate: bool, **settings):
+    """The pipeline on `bb` with the crop budget = the global budget (`settings`: further `ZoomConfig` fields)."""
     from qzoom_adapters import QZoom, ZoomConfig
 
     px = budget * bb.factor**2
-    cfg = ZoomConfig(crop_min_pixels=px, crop_max_pixels=px)
+    cfg = ZoomConfig(crop_min_pixels=px, crop_max_pixels=px, **settings)
     return QZoom(bb.model, bb.processor, twig=bb.twig, gate=bb.gate if gate else None, config=cfg)
 
 
 def _timed_pipeline(zoom, inputs, images, n_tokens: int, force, device, repeats: int) -> dict:
     """Median latency of one pipeline call, with the median of each stage (the warm-up captures the decode
-    graph for this shape)."""
+    graph for this shape) and, with the fast vision attention, the calls each of its paths took per pipeline call."""
+    from qzoom_adapters import vision_attention as va
+
     boxes = fixed_boxes(images)
-    lat, med, outs = _timed_runs(lambda: zoom.generate_from_inputs(inputs, images, max_new_tokens=n_tokens,
-                                                                    force_zoom=force, boxes=boxes),
-                                 device, repeats, stages=True)
+    va.CALLS.clear()
+    lat, med, outs, runs = _timed_runs(lambda: zoom.generate_from_inputs(inputs, images, max_new_tokens=n_tokens,
+                                                                          force_zoom=force, boxes=boxes),
+                                       device, repeats, stages=True, cap_s=TIME_CAP_S)
     med["other_host"] = max(0.0, lat - sum(med.values()))
     shares = [(o.bbox[2] - o.bbox[0]) * (o.bbox[3] - o.bbox[1]) / (im.width * im.height)
               for o, im in zip(outs, images) if o.bbox is not None]
-    return {"latency_s": lat, "stages_s": med, "decode_mode": zoom.decoder.last_mode,
-            "box_area_share": statistics.mean(shares) if shares else None,
-            "tokens_per_row": sorted({len(o.tokens) for o in outs}),
-            "zoomed": sum(o.zoomed for o in outs), "visual_tokens": statistics.mean(o.visual_tokens for o in outs)}
+    row = {"latency_s": lat, "stages_s": med, "runs": runs, "decode_mode": zoom.decoder.last_mode,
+           "box_area_share": statistics.mean(shares) if shares else None,
+           "tokens_per_row": sorted({len(o.tokens) for o in outs}),
+           "zoomed": sum(o.zoomed for o in outs), "visual_tokens": statistics.mean(o.visual_tokens for o in outs)}
+    if zoom.config.vision_attention != "model":
+        row["vision_attention_calls"] = {k: v / (runs + 1) for k, v in sorted(va.CALLS.items())}
+    if any(o.zoomed for o in outs):
+        row["crop_preprocess"] = zoom.crop_preprocessor.last_where  # where the crops were processed
+    return row
+
+
+def modes_at(batch: int, every_mode: bool = False, fast: bool = True) -> list[str]:
+    """The pipeline modes measured at `batch`, both vision settings (only the model's own with `fast=False`; see the
+    module docstring)."""
+    settings = ("", "_fast") if fast else ("",)
+    if batch == 1:
+        return [m + s for s in settings for m in PIPELINE_MODES if m != "fire50"]
+    if every_mode:
+        return [m + s for s in settings for m in PIPELINE_MODES]
+    return ["fire50", "plain_ours_fast", "fire50_fast"] if fast else ["fire50"]
 
 
 @torch.no_grad()
-def measure_config(bb: Backbone, image, budget: int, batch: int, n_tokens: int, device, repeats: int) -> dict:
+def measure_config(bb: Backbone, image, budget: int, batch: int, n_tokens: int, device, repeats: int,
+                   every_mode: bool = False, fast: bool = True) -> dict:
+    """One configuration's row (see the module docstring); `fast=False` leaves out the fast vision path."""
+    from qzoom_adapters import fast_vision_attention
+
     row = {"backbone": bb.name, "attn": bb.info["attn"], "budget": budget, "batch": batch, "new_tokens": n_tokens}
     t0 = time.perf_counter()
     inputs, images = _inputs(bb, image, budget, batch, device)
@@ -299,21 +354,31 @@ def measure_config(bb: Backbone, image, budget: int, batch: int, n_tokens: int, 
     def plain():
         return bb.model.generate(**inputs, do_sample=False, max_new_tokens=n_tokens)
 
-    row["plain"] = {"latency_s": _median_time(plain, device, repeats)}
-    ours, gated = _zoom(bb, budget, gate=False), _zoom(bb, budget, gate=True)
-    row["plain_ours"] = _timed_pipeline(ours, inputs, images, n_tokens, [False] * batch, device, repeats)
-    row["not_zoomed"] = _timed_pipeline(gated, inputs, images, n_tokens, [False] * batch, device, repeats)
-    row["zoomed"] = _timed_pipeline(gated, inputs, images, n_tokens, [True] * batch, device, repeats)
-    if batch > 1:
-        row["fire50"] = _timed_pipeline(gated, inputs, images, n_tokens, [i % 2 == 0 for i in range(batch)],
-                                        device, repeats)
-    else:
-        row["fire50"] = {"latency_s": (row["zoomed"]["latency_s"] + row["not_zoomed"]["latency_s"]) / 2}
-    for mode in MODES:
+    def plain_fast():
+        with fast_vision_attention(bb.model):
+            return plain()
+
+    for name, fn in [("plain", plain), ("plain_fast", plain_fast)][: 2 if batch == 1 and fast else 1]:
+        lat, _, _, runs = _timed_runs(fn, device, repeats, cap_s=TIME_CAP_S)
+        row[name] = {"latency_s": lat, "runs": runs}
+    ours, gated = pipeline(bb, budget, gate=False), pipeline(bb, budget, gate=True)
+    forces = {"plain_ours": [False] * batch, "not_zoomed": [False] * batch, "zoomed": [True] * batch,
+              "fire50": [i % 2 == 0 for i in range(batch)]}
+    for mode in modes_at(batch, every_mode, fast):
+        base = mode.removesuffix("_fast")
+        zoom = ours if base == "plain_ours" else gated
+        if mode.endswith("_fast"):
+            zoom = zoom.with_config(**FAST)  # shares the decoder (buffers, graphs) with the stock one
+        row[mode] = _timed_pipeline(zoom, inputs, images, n_tokens, forces[base], device, repeats)
+    if batch == 1:
+        for s in ("", "_fast") if fast else ("",):
+            row["fire50" + s] = {"latency_s": (row["zoomed" + s]["latency_s"] + row["not_zoomed" + s]["latency_s"]) / 2}
+    for mode in (m for m in MODES if m in row):
         row[mode]["samples_per_s"] = batch / row[mode]["latency_s"]
         row[mode]["end_to_end_s"] = row[mode]["latency_s"] + row["prep_s"]  # + the processor on the global view
     steps = max(n_tokens - 1, 1)
-    row["decode_per_token_s"] = {m: row[m]["stages_s"]["decode"] / steps for m in ("plain_ours", "not_zoomed", "zoomed")}
+    row["decode_per_token_s"] = {m: row[m]["stages_s"]["decode"] / steps for m in MODES
+                                 if m in row and "stages_s" in row[m]}
     if batch == 1:
         row["prefill_flops_batch1"] = prefill_flops(bb.model, inputs)
     row["decode_bytes_per_step"] = decode_bytes_per_step(bb, batch, S + n_tokens / 2)
@@ -347,110 +412,38 @@ def plan(budgets, batch_sizes, new_tokens, target_budgets=(576, 4096)) -> list[t
     return sorted(all_cfgs, key=priority)
 
 
-def summarise_targets(rows: list[dict]) -> dict:
-    """The issue's four targets from the rows that are there (None where a row is missing)."""
-    def find(backbone, budget, batch, n):
-        return next((r for r in rows if (r["backbone"], r["budget"], r["batch"], r["new_tokens"]) == (backbone, budget, batch, n)), None)
-
-    out = {}
-    backbone = "qwen2_5_vl_7b" if any(r["backbone"] == "qwen2_5_vl_7b" for r in rows) else rows[0]["backbone"]
-    n = min(r["new_tokens"] for r in rows)
-    budgets = sorted({r["budget"] for r in rows if r["backbone"] == backbone})
-    lo, hi = (576, 4096) if {576, 4096} <= set(budgets) else (budgets[0], budgets[-1])
-    z, p = find(backbone, lo, 1, n), find(backbone, hi, 1, n)
-    out["zoomed_low_vs_plain_high"] = {
-        "backbone": backbone, "zoomed_budget": lo, "plain_budget": hi, "new_tokens": n, "target": 4.0,
-        "speedup": p["plain"]["latency_s"] / z["zoomed"]["latency_s"] if z and p else None,
-        "speedup_end_to_end": p["plain"]["end_to_end_s"] / z["zoomed"]["end_to_end_s"] if z and p else None}
-    over = {}
-    for r in rows:
-        if r["batch"] == 1 and r["new_tokens"] == n:
-            over[f"{r['backbone']}@{r['budget']}"] = {
-                "vs_plain_generate": r["not_zoomed"]["latency_s"] / r["plain"]["latency_s"] - 1,
-                "vs_plain_ours (gate cost)": r["not_zoomed"]["latency_s"] / r["plain_ours"]["latency_s"] - 1}
-    out["not_zoomed_overhead"] = {"target": 0.05, "per_config": over}
-    scale = {}
-    for r in rows:
-        one = find(r["backbone"], r["budget"], 1, r["new_tokens"])
-        if r["batch"] == 8 and one:
-            scale[f"{r['backbone']}@{r['budget']}/{r['new_tokens']}"] = (
-                r["fire50"]["samples_per_s"] / one["fire50"]["samples_per_s"])
-    out["batch8_vs_batch1_fire50"] = {"target": 4.0, "per_config": scale}
-    out["decode_step_vs_hbm_floor_bs1"] = {
-        "target": 2.0, "per_config": {f"{r['backbone']}@{r['budget']}/{r['new_tokens']}": r["decode_vs_floor"]["not_zoomed"]
-                                      for r in rows if r["batch"] == 1 and "decode_vs_floor" in r}}
-    return out
+# --- the run --------------------------------------------------------------------------------------------
+def _predicted_s(done: dict, budget: int, batch: int) -> float | None:
+    """Seconds a configuration will take, from the last one measured at the same budget (scaled by batch size)."""
+    if budget not in done:
+        return None
+    b, seconds = done[budget]
+    return seconds * max(1.0, batch / b)
 
 
-# --- report ---------------------------------------------------------------------------------------------
-def _ms(x) -> str:
-    return "–" if x is None else f"{1000 * x:.1f}"
+def _extras(bb: Backbone, image, budgets, dev) -> tuple[dict, dict]:
+    """Vision-attention closeness (at the low and high budgets) and the crop-preprocessing comparison (low budget).
 
-
-COLUMNS = ("backbone", "budget", "batch", "new tok", "plain (HF generate)", "plain, our decode", "not zoomed",
-           "zoomed", "50% zoomed", "decode/token ours", "decode floor", "prefill floor", "zoomed: vision / pass A / "
-           "gate / twig / crop+enc / RoI pass / decode")
-
-
-def markdown_table(report: dict) -> str:
-    lines = ["Latency per batch in ms (median).", "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    for r in report["rows"]:
-        st = r["zoomed"]["stages_s"]
-        stages = " / ".join(_ms(st.get(k)) for k in ("vision", "pass_a", "gate", "twig", "crop_encode", "roi_pass",
-                                                       "decode"))
-        cells = [r["backbone"], str(r["budget"]), str(r["batch"]), str(r["new_tokens"]),
-                 _ms(r["plain"]["latency_s"]), _ms(r["plain_ours"]["latency_s"]), _ms(r["not_zoomed"]["latency_s"]),
-                 _ms(r["zoomed"]["latency_s"]), _ms(r["fire50"]["latency_s"]),
-                 _ms(r["decode_per_token_s"]["not_zoomed"]), _ms(r.get("decode_floor_s")), _ms(r.get("prefill_floor_s")),
-                 stages]
-        lines.append("| " + " | ".join(cells) + " |")
-    t = report["targets"]
-    z = t["zoomed_low_vs_plain_high"]
-    lines += ["", "Targets:", "",
-              f"* zoomed @{z['zoomed_budget']} vs plain @{z['plain_budget']} ({z['backbone']}, batch 1, "
-              f"{z['new_tokens']} tokens): {_ratio(z['speedup'])} lower latency, {_ratio(z['speedup_end_to_end'])} with "
-              "the global view's preprocessing included (target >= 4x)",
-              "* not-zoomed overhead over plain HF generate / over the plain model with our decoder (gate cost): "
-              + ", ".join(f"{k}: {v['vs_plain_generate']:+.1%} / {v['vs_plain_ours (gate cost)']:+.1%}"
-                          for k, v in t["not_zoomed_overhead"]["per_config"].items()) + " (target <= +5%)",
-              "* batch 8 vs batch 1 throughput, 50% zoomed: "
-              + (", ".join(f"{k}: {_ratio(v)}" for k, v in t["batch8_vs_batch1_fire50"]["per_config"].items()) or "–")
-              + " (target >= 4x)",
-              "* decode step / HBM floor at batch 1 (not zoomed): "
-              + ", ".join(f"{k}: {_ratio(v)}" for k, v in t["decode_step_vs_hbm_floor_bs1"]["per_config"].items())
-              + " (target <= 2x)"]
-    m = report["meta"]
-    f = report["floors"]
-    lines += ["", f"{m['machine']['device_name']} ({m['machine']['device']}), torch {m['torch']}, transformers "
-                  f"{m['transformers']}, commit {m['git_commit'] or 'unknown'}, {m['dtype']}, random weights. "
-                  f"Measured in the same run: matmul {f['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s, copy "
-                  f"{f['copy_bytes_per_s'] / 1e9:.0f} GB/s. Skipped (time): {len(report['skipped'])} configs."]
-    return "\n".join(lines) + "\n"
-
-
-def _ratio(x) -> str:
-    return "–" if x is None else f"{x:.2f}x"
-
-
-def latency_plot(report: dict, backbone: str):
-    """Latency (ms) against visual tokens read per sample, batch 1, shortest answer: plain vs the pipeline."""
-    n = min(r["new_tokens"] for r in report["rows"])
-    rows = sorted((r for r in report["rows"] if r["backbone"] == backbone and r["batch"] == 1 and r["new_tokens"] == n),
-                  key=lambda r: r["budget"])
-    series = {"plain": [(r["visual_tokens"], 1000 * r["plain"]["latency_s"], str(r["budget"])) for r in rows],
-              "not zoomed": [(r["visual_tokens"], 1000 * r["not_zoomed"]["latency_s"], "") for r in rows],
-              "zoomed": [(r["zoomed"]["visual_tokens"], 1000 * r["zoomed"]["latency_s"], str(r["budget"])) for r in rows]}
-    y_max = max(y for pts in series.values() for _, y, _ in pts) * 1.1
-    return line_plot(series, f"{backbone}, batch 1, {n} new tokens: latency vs visual tokens", y_label="ms",
-                     y_max=y_max, x_label="visual tokens read per sample (log scale)")
+    A failure is recorded as {"error": ...} (and, for the closeness, the run goes on without the fast path) rather
+    than ending a device run."""
+    lo, hi = (576, 4096) if {576, 4096} <= set(budgets) else (min(budgets), max(budgets))
+    inputs_for = lambda images, budget: processed(bb, images, budget, dev)  # noqa: E731
+    out = []
+    for fn in (lambda: vision_closeness(bb, image, sorted({lo, hi}), dev, inputs_for),
+               lambda: crop_preprocess_report(pipeline(bb, lo, gate=True), image, lo, dev, inputs_for)):
+        try:
+            out.append(fn())
+        except Exception as err:  # noqa: BLE001 - reported in the results
+            out.append({"error": f"{type(err).__name__}: {err}"})
+            print(f"[speed] {bb.name}: {out[-1]['error']}", flush=True)
+    return out[0], out[1]
 
 
 def bench(out=None, quick: bool = False, device: str | None = None, backbones=None, budgets=None, batch_sizes=None,
-          new_tokens=None, repeats: int = 3, max_seconds: float | None = None, append: bool = False) -> dict:
+          new_tokens=None, repeats: int = 3, max_seconds: float | None = None, append: bool = False,
+          every_mode: bool = False) -> dict:
     """Measure, then write the JSON report and the `.md` and `.png` files beside it; returns the report."""
     import transformers
-
-    from qzoom_adapters.testing.kit import synthetic_image
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -466,33 +459,43 @@ def bench(out=None, quick: bool = False, device: str | None = None, backbones=No
     out = Path(out) if out else default_out()
     t_start = time.perf_counter()
     floors = {"matmul_flops_per_s": matmul_flops_per_s(dev, dtype, quick), "copy_bytes_per_s": copy_bytes_per_s(dev, quick)}
-    image = synthetic_image(*((320, 240) if quick else SOURCE_SIZE), seed=1)
-    rows, skipped, infos, agreement = [], [], {}, {}
+    image = source_image(quick)
+    rows, skipped, infos, agreement, closeness, crops = [], [], {}, {}, {}, {}
     for name in backbones:
         t_backbone = time.perf_counter()
         for attn in attention_implementations(dev):
             bb = build_backbone(name, dev, dtype, attn)
-            infos[f"{name}/{attn}"] = bb.info
-            agreement[f"{name}/{attn}"] = decode_agreement(bb, image, budgets[0], dev)
-            flops_by_budget = {}
+            key = f"{name}/{attn}"
+            infos[key] = bb.info
+            agreement[key] = decode_agreement(bb, image, budgets[0], dev)
+            closeness[key], crops[key] = _extras(bb, image, budgets, dev)
+            fast = "error" not in closeness[key]  # the fast path could not even be selected: measure without it
+            print(f"[speed] {key}: vision closeness and crop preprocessing done "
+                  f"({time.perf_counter() - t_backbone:.0f} s)", flush=True)
+            flops_by_budget, done = {}, {}
             for budget, batch, n in plan(budgets, batch_sizes, new_tokens):
-                if max_seconds is not None and time.perf_counter() - t_backbone > max_seconds:
-                    skipped.append({"backbone": name, "attn": attn, "budget": budget, "batch": batch, "new_tokens": n})
+                cfg = {"backbone": name, "attn": attn, "budget": budget, "batch": batch, "new_tokens": n}
+                elapsed, guess = time.perf_counter() - t_backbone, _predicted_s(done, budget, batch)
+                if max_seconds is not None and (elapsed > max_seconds or (guess and elapsed + guess > max_seconds)):
+                    skipped.append({**cfg, "predicted_s": guess})
                     continue
+                t_cfg = time.perf_counter()
                 try:
-                    row = measure_config(bb, image, budget, batch, n, dev, repeats)
+                    row = measure_config(bb, image, budget, batch, n, dev, repeats, every_mode, fast)
                 except torch.cuda.OutOfMemoryError as err:
-                    skipped.append({"backbone": name, "attn": attn, "budget": budget, "batch": batch, "new_tokens": n,
-                                    "error": f"out of memory: {str(err)[:120]}"})
+                    skipped.append({**cfg, "error": f"out of memory: {str(err)[:120]}"})
                     torch.cuda.empty_cache()
                     continue
+                row["measure_s"] = done_s = time.perf_counter() - t_cfg
+                if n == min(new_tokens):
+                    done[budget] = (batch, done_s)
                 if "prefill_flops_batch1" in row:
                     flops_by_budget[(name, budget)] = row["prefill_flops_batch1"]
                 add_floors(row, floors, flops_by_budget)
                 rows.append(row)
-                print(f"[speed] {name} {attn} budget {budget} batch {batch} new {n}: plain "
-                      f"{_ms(row['plain']['latency_s'])} ms, not zoomed {_ms(row['not_zoomed']['latency_s'])} ms, "
-                      f"zoomed {_ms(row['zoomed']['latency_s'])} ms", flush=True)
+                print(f"[speed] {key} budget {budget} batch {batch} new {n}: plain {ms(row['plain']['latency_s'])} "
+                      f"ms, 50% zoomed {ms(row['fire50']['latency_s'])} / fast {ms(row.get('fire50_fast', {}).get('latency_s'))} "
+                      f"ms ({done_s:.0f} s)", flush=True)
             del bb
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
@@ -502,14 +505,16 @@ def bench(out=None, quick: bool = False, device: str | None = None, backbones=No
         skipped = [r for r in old.get("skipped", []) if r["backbone"] not in backbones] + skipped
         infos = {**old["meta"].get("backbones", {}), **infos}
         agreement = {**old.get("decode_agreement", {}), **agreement}
+        closeness = {**old.get("vision_closeness", {}), **closeness}
+        crops = {**old.get("crop_preprocess", {}), **crops}
     if not rows:
         raise SystemExit("no configuration was measured (is --max-seconds too small?)")
     report = {"meta": {"git_commit": git_commit(), "machine": machine(dev), "torch": torch.__version__,
                        "transformers": transformers.__version__, "dtype": str(dtype).replace("torch.", ""),
-                       "quick": quick, "repeats": repeats, "backbones": infos,
-                       "seconds": time.perf_counter() - t_start},
-              "floors": floors, "decode_agreement": agreement, "rows": rows, "skipped": skipped,
-              "targets": summarise_targets(rows)}
+                       "quick": quick, "repeats": repeats, "time_cap_s": TIME_CAP_S, "fast": FAST,
+                       "backbones": infos, "seconds": time.perf_counter() - t_start},
+              "floors": floors, "decode_agreement": agreement, "vision_closeness": closeness,
+              "crop_preprocess": crops, "rows": rows, "skipped": skipped, "targets": summarise_targets(rows)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     out.with_suffix(".md").write_text(markdown_table(report))
@@ -521,7 +526,7 @@ def bench(out=None, quick: bool = False, device: str | None = None, backbones=No
 @torch.no_grad()
 def decode_agreement(bb: Backbone, image, budget: int, device) -> dict:
     """Share of tokens on which the default decode loop agrees with the dynamic one (batch of 2, one zoomed)."""
-    zoom = _zoom(bb, budget, gate=True)
+    zoom = pipeline(bb, budget, gate=True)
     inputs, images = _inputs(bb, image, budget, 2, device)
     tokens = {}
     for mode in ("dynamic", "auto"):

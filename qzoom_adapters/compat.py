@@ -10,14 +10,18 @@ The 4.57 line and the 5.x line differ in: the cache keyword of decoder layers
 shape of M-RoPE cos/sin handed to layers (3 axes vs already merged), the
 signature of `get_rope_index` (5.x needs `mm_token_type_ids`), the return type of
 `get_image_features`, the image processor's budget keywords, the PIL image processor and
-tokenizer class names, how rope settings are saved in configs, and the layer kwargs a decode
-step needs.
+tokenizer class names, how rope settings are saved in configs, the layer kwargs a decode
+step needs, which attention name makes a Qwen-VL vision tower take its packed (`cu_seqlens`) branch and how it
+is selected, and how the torchvision-backed image processor of a family is named.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import sys
+import threading
+from contextlib import contextmanager
 
 import torch
 import transformers
@@ -28,6 +32,8 @@ __all__ = [
     "cache_kv", "cache_num_layers", "char_tokenizer_class", "decode_layer_kwargs", "image_features", "layer_output",
     "load_config", "mm_token_type_ids", "modeling_module", "mrope_text_kwargs", "new_cache", "pil_image_processor",
     "query_rows_kwargs", "ROPE_KEYS", "rope_index", "strip_cache", "text_model_kwargs", "unsupported_decode_kwargs", "with_cache",
+    "VISION_ATTENTION_NAME", "attn_settings", "fast_image_processor", "fast_image_processor_class_name",
+    "torchvision_backed", "vision_attention", "vision_attention_route",
 ]
 
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
@@ -268,3 +274,167 @@ def query_rows_kwargs(kwargs: dict, rows: slice) -> dict:
     if isinstance(kwargs.get("cache_position"), torch.Tensor):
         out["cache_position"] = kwargs["cache_position"][rows]
     return out
+
+
+# --- the vision tower's attention (Qwen-VL towers that take `cu_seqlens`) ------------------------------------------
+# A Qwen-VL vision attention makes ONE attention call per layer over the packed images (with `cu_seq_lens_q/k`) only
+# when its config names a flash implementation; for any other name it splits the sequence per window in a Python loop
+# and calls the function once per window. How a line decides "flash":
+# * 5.x (`is_flash_attention_requested` exists): any name containing "flash". A function registered under such a name
+#   through `AttentionInterface.register` is accepted by `model.set_attn_implementation({"vision_config": NAME})` on
+#   the loaded model, and restored the same way.
+# * 4.57: only the exact name "flash_attention_2", which `set_attn_implementation` refuses without the flash_attn
+#   package. Nothing public selects the packed branch for another function there, so the equivalent used is: while a
+#   selection is active, "flash_attention_2" is registered (public `AttentionInterface.register`) to a dispatcher
+#   that sends the selected vision configs' modules to the function and every other module to the previous entry
+#   unchanged, and the vision config's implementation is set to "flash_attention_2" (as `set_attn_implementation`
+#   itself writes sub-configs). Both are restored when the last selection ends.
+
+VISION_ATTENTION_NAME = "qzoom_vision_varlen_flash"  # contains "flash" and no hub-kernel or `flash_attention_N` form
+_NAMED_FLASH_BRANCH = hasattr(importlib.import_module("transformers.utils.generic"), "is_flash_attention_requested")
+_FA2 = "flash_attention_2"
+_ROUTE_LOCK = threading.RLock()
+_ROUTES: dict[int, list] = {}  # id(vision config) -> [function, nesting depth] while a 4.57-style selection is active
+_SAVED_FA2: list = []  # the "flash_attention_2" entry replaced by the dispatcher (one element while routes exist)
+
+
+def vision_attention_route() -> str:
+    """How `vision_attention` selects the packed branch on this line: "registered_name" (5.x) or
+    "flash_attention_2_dispatch" (4.57)."""
+    return "registered_name" if _NAMED_FLASH_BRANCH else "flash_attention_2_dispatch"
+
+
+def _config_tree(config) -> list:
+    out, todo = [], [config]
+    while todo:
+        cfg = todo.pop(0)
+        out.append(cfg)
+        todo += [sub for key in getattr(cfg, "sub_configs", {}) if (sub := getattr(cfg, key, None)) is not None]
+    return out
+
+
+def attn_settings(model: torch.nn.Module) -> list[tuple[object, object]]:
+    """(config, its own attention implementation setting) for the model's config and every sub-config."""
+    return [(cfg, cfg.__dict__.get("_attn_implementation_internal")) for cfg in _config_tree(model.config)]
+
+
+def _restore_attn_settings(settings) -> None:
+    for cfg, value in settings:
+        if cfg.__dict__.get("_attn_implementation_internal") != value:
+            cfg._attn_implementation_internal = value  # the field both lines store the setting in
+
+
+def _dispatch_fa2(module, *args, **kwargs):
+    route = _ROUTES.get(id(getattr(module, "config", None)))
+    fn = route[0] if route is not None else _SAVED_FA2[0]
+    return fn(module, *args, **kwargs)
+
+
+def _route_fa2(sub_config, fn) -> None:
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    with _ROUTE_LOCK:
+        if not _ROUTES:
+            previous = AttentionInterface().get(_FA2)  # a fresh interface reads the library-wide entry
+            if previous is None:
+                raise RuntimeError(f"this transformers has no {_FA2!r} attention entry to route the vision tower through")
+            _SAVED_FA2[:] = [previous]
+            AttentionInterface.register(_FA2, _dispatch_fa2)
+        route = _ROUTES.setdefault(id(sub_config), [fn, 0])
+        route[0], route[1] = fn, route[1] + 1
+        if ALL_ATTENTION_FUNCTIONS[_FA2] is not _dispatch_fa2:
+            _unroute_fa2(sub_config)
+            raise RuntimeError(f"ALL_ATTENTION_FUNCTIONS holds a local {_FA2!r} override; the vision tower's packed "
+                               "attention cannot be routed past it")
+    sub_config._attn_implementation_internal = _FA2
+
+
+def _unroute_fa2(sub_config) -> None:
+    from transformers import AttentionInterface
+
+    with _ROUTE_LOCK:
+        route = _ROUTES.get(id(sub_config))
+        if route is not None:
+            route[1] -= 1
+            if route[1] <= 0:
+                del _ROUTES[id(sub_config)]
+        if not _ROUTES and _SAVED_FA2:
+            AttentionInterface.register(_FA2, _SAVED_FA2.pop())
+
+
+@contextmanager
+def vision_attention(model: torch.nn.Module, config_key: str, fn):
+    """Inside the block, the vision tower configured by `model.config.<config_key>` runs its attention through `fn`
+    on its packed (`cu_seqlens`) branch: one call per layer. On exit every config's attention setting is exactly what
+    it was (and, on 4.57, the "flash_attention_2" entry too), also when the block raises.
+
+    `fn` has the `AttentionInterface` signature `(module, query, key, value, attention_mask, **kwargs)`.
+    """
+    sub = getattr(model.config, config_key, None)
+    if sub is None:
+        raise ValueError(f"{type(model).__name__}.config has no {config_key!r} sub-config")
+    before = attn_settings(model)
+    previous = sub.__dict__.get("_attn_implementation_internal")
+    try:
+        if _NAMED_FLASH_BRANCH:
+            from transformers import AttentionInterface
+
+            if AttentionInterface().get(VISION_ATTENTION_NAME) is not fn:
+                AttentionInterface.register(VISION_ATTENTION_NAME, fn)
+            model.set_attn_implementation({config_key: VISION_ATTENTION_NAME})
+            if sub._attn_implementation != VISION_ATTENTION_NAME:
+                raise RuntimeError(f"{type(model).__name__}.set_attn_implementation did not select "
+                                   f"{VISION_ATTENTION_NAME!r} for {config_key}")
+        else:
+            _route_fa2(sub, fn)
+        yield
+    finally:
+        try:
+            if not _NAMED_FLASH_BRANCH:
+                _unroute_fa2(sub)
+            elif previous is not None and sub._attn_implementation != previous:
+                model.set_attn_implementation({config_key: previous})
+        finally:
+            _restore_attn_settings(before)  # exact, whatever the public call normalised
+
+
+# --- image processors: the torchvision-backed form of a family's processor -------------------------------------------
+def torchvision_backed(image_processor) -> bool:
+    """Whether an image processor resizes and normalises torch tensors (5.x: backend "torchvision"; 4.57: `is_fast`)."""
+    return getattr(image_processor, "backend", None) == "torchvision" or getattr(image_processor, "is_fast", False) is True
+
+
+def fast_image_processor_class_name(image_processor) -> str:
+    """The transformers class name of `image_processor`'s torchvision-backed form on this line: 5.x names the PIL form
+    `<Name>Pil` and the torchvision one `<Name>`; 4.57 names them `<Name>` and `<Name>Fast`."""
+    name = type(image_processor).__name__
+    if torchvision_backed(image_processor):
+        return name
+    if IS_V5:
+        return name[: -len("Pil")] if name.endswith("Pil") else name
+    return name + "Fast"
+
+
+def fast_image_processor(image_processor, device):
+    """A torchvision-backed image processor with `image_processor`'s settings that works on `device` (moves each image
+    there before resizing; its outputs stay there), or None where this environment has none (no torchvision, or no
+    such class in this transformers)."""
+    if importlib.util.find_spec("torchvision") is None:
+        return None
+    name = type(image_processor).__name__
+    settings = {k: v for k, v in image_processor.to_dict().items() if k not in ("image_processor_type", "processor_class")}
+    # this line's name first; the other naming too, for a 5.x release between the two conventions
+    for candidate in dict.fromkeys([fast_image_processor_class_name(image_processor), name.removesuffix("Pil"),
+                                    name.removesuffix("Pil") + "Fast"]):
+        cls = getattr(transformers, candidate, None)
+        if cls is None:
+            continue
+        try:
+            fast = cls.from_dict(settings, device=str(device))
+        except (ImportError, TypeError, ValueError):  # a placeholder of a missing backend, or settings it refuses
+            continue
+        if torchvision_backed(fast):
+            fast.device = str(device)
+            return fast
+    return None

@@ -43,6 +43,14 @@ class ZoomConfig(_Tolerant):
     decode: Literal["auto", "cuda_graph", "static", "dynamic"] = Field(
         "auto", description="decode loop: a CUDA graph of one step over static buffers (auto on CUDA with sdpa or "
         "eager attention), the same step without a graph, or the text model's own forward per token")
+    vision_attention: Literal["model", "varlen"] = Field(
+        "model", description="the vision tower's attention: the model's own setting, or one packed call per layer "
+        "(varlen_attn on CUDA fp16/bf16, else exact per-segment sdpa) selected for the call and restored after "
+        "(Qwen-VL families; qzoom_adapters.vision_attention)")
+    crop_preprocess: Literal["host", "device"] = Field(
+        "host", description="where crops are resized and normalised: the image processor on the host (the bit-exact "
+        "reference), or its torchvision form on the model's device (falls back to the host, with a warning, where "
+        "torchvision or that form is missing)")
 
     @model_validator(mode="after")
     def _check(self):

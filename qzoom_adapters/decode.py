@@ -13,6 +13,11 @@ one batch, each group right-aligned in one cache:
 
 Tokens stay on the device; `done.all()` is read once every `CHECK_EVERY` steps (early exit on EOS) and
 the tokens come back to the host once at the end.
+
+What is kept: the static buffer sets (and their CUDA graphs) of the most recently used shapes, at most
+`Decoder.max_states` of them and, where `Decoder.max_bytes` is set, at most that many bytes of buffers (least
+recently used first out; the set in use always stays). `Decoder.release()` (`QZoom.release_buffers()`) drops all
+of them on request.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from . import timing
 
 CHECK_EVERY = 16  # steps between host reads of "every row has finished"
 SEQ_BUCKET = 64  # static buffers round their length up to this, so shapes (and graphs) repeat
-MAX_STATES = 4  # static buffer sets (and graphs) kept per decoder
+MAX_STATES = 4  # static buffer sets (and graphs) kept per decoder, by default
 DECODE_MODES = ("auto", "cuda_graph", "static", "dynamic")
 
 
@@ -125,6 +130,20 @@ class _StaticState:
         self.done = torch.zeros(B, dtype=torch.bool, device=device)
         self.graph = None
 
+    def nbytes(self) -> int:
+        """Bytes of this state's tensors (the cache buffers dominate)."""
+        tensors = [*self.kv.keys, *self.kv.values, self.mask, self.tok, self.pos, self.out, self.done, self.cpos,
+                   self.step] + ([self.eos] if self.eos is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def free(self) -> None:
+        """Drop the graph (and its memory pool) and the buffers; the state is unusable afterwards."""
+        graph, self.graph = self.graph, None
+        if graph:
+            graph.reset()
+        self.kv.keys, self.kv.values = [], []
+        self.mask = self.tok = self.pos = self.out = self.done = self.eos = None
+
     def load(self, rows: DecodeRows, groups: list[DecodeRows], tok: torch.Tensor) -> None:
         """Copy each group's cache into its rows, right-aligned at column S (= `rows`' merged length), and reset
         the step state to "first token emitted"."""
@@ -149,10 +168,42 @@ class _StaticState:
 class Decoder:
     """Greedy decoding for one backbone; keeps static buffers and CUDA graphs between calls."""
 
-    def __init__(self, spec, trunk):
+    def __init__(self, spec, trunk, max_states: int = MAX_STATES, max_bytes: int | None = None):
         self.spec, self.trunk = spec, trunk
         self._states: OrderedDict = OrderedDict()
+        self.max_states = max_states  # buffer sets (shapes) kept, least recently used out first
+        self.max_bytes = max_bytes  # None: no byte bound beyond max_states
         self.last_mode: str | None = None  # what the last call actually ran (after fallbacks)
+
+    # --- what is kept ------------------------------------------------------------------------------
+    def buffer_bytes(self) -> int:
+        """Bytes held in static buffers by the kept states."""
+        return sum(state.nbytes() for state in self._states.values())
+
+    @property
+    def kept_shapes(self) -> list[tuple]:
+        """Keys (batch, buffer length, steps, ...) of the kept states, least recently used first."""
+        return list(self._states)
+
+    def release(self, empty_cache: bool = True) -> int:
+        """Drop every kept buffer set and CUDA graph; returns the bytes of buffers dropped."""
+        freed = self.buffer_bytes()
+        cuda = any(state.cpos.device.type == "cuda" for state in self._states.values())
+        while self._states:
+            self._states.popitem(last=False)[1].free()
+        if cuda and empty_cache:
+            torch.cuda.empty_cache()
+        return freed
+
+    def _evict(self, keep) -> None:
+        """Drop least recently used states beyond `max_states` and `max_bytes`, never `keep` (the one in use)."""
+        def over() -> bool:
+            return len(self._states) > max(1, self.max_states) or (
+                self.max_bytes is not None and self.buffer_bytes() > self.max_bytes)
+
+        while len(self._states) > 1 and over():
+            key = next(k for k, state in self._states.items() if state is not keep)
+            self._states.pop(key).free()
 
     # --- which path -------------------------------------------------------------------------------
     def _choose(self, mode: str, device: torch.device) -> str:
@@ -224,10 +275,11 @@ class Decoder:
                k0.dtype, k0.device, eos, graph)
         state = self._states.pop(key, None)
         if state is None:
+            while len(self._states) >= max(1, self.max_states):  # room first: old buffers go before new ones come
+                self._states.popitem(last=False)[1].free()
             state = _StaticState(rows, kvs, n_steps, s_max, mask_dtype, eos, k0.device)
-            while len(self._states) >= MAX_STATES:
-                self._states.popitem(last=False)
         self._states[key] = state
+        self._evict(state)
         return state
 
     def _static(self, rows: DecodeRows, groups: list[DecodeRows], tok, eos: tuple[int, ...], n_steps: int,

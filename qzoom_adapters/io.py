@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from pydantic import ValidationError
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_write
@@ -168,25 +168,48 @@ _REF_PATTERNS = {
 }
 
 
-def _checkpoint_tensors(path: Path, files: list[Path]) -> dict[str, torch.Tensor]:
-    """The tensors of `files` (`checkpoint_files`), whose headers `load_reference_checkpoint` probed already."""
-    tensors = {}
+def _file_keys(files: list[Path]) -> dict[str, Path]:
+    """key -> file of every tensor in `files` (headers only: no tensor is read)."""
+    where = {}
     for file in files:
-        tensors.update(_read_safetensors(file, "checkpoint weights", probed=True))
-    return tensors
+        with safe_open(str(file), "pt") as f:
+            where.update(dict.fromkeys(f.keys(), file))
+    return where
+
+
+def _read_keys(where: dict[str, Path], keys) -> dict[str, torch.Tensor]:
+    """The tensors `keys` only, each read from its file with `safe_open` (one file opened at a time)."""
+    by_file: dict[Path, list[str]] = {}
+    for key in keys:
+        by_file.setdefault(where[key], []).append(key)
+    out = {}
+    for file, names in by_file.items():
+        try:
+            with safe_open(str(file), "pt") as f:
+                out.update({name: f.get_tensor(name) for name in names})
+        except (SafetensorError, OSError, ValueError) as err:
+            raise QZoomError(f"cannot read checkpoint weights {file}: {err}. The file is corrupt or not "
+                             "safetensors") from None
+    return out
+
+
+def reference_adapter_keys(keys) -> dict[str, dict[str, str]]:
+    """The Q-Zoom extra keys of a released checkpoint as {"twig" | "gate": {adapter state-dict key: file key}}."""
+    out: dict[str, dict[str, str]] = {"twig": {}, "gate": {}}
+    for key in keys:
+        if m := _REF_PATTERNS["twig"].search(key):
+            out["twig"][f"layers.{m.group(1)}"] = key
+        elif m := _REF_PATTERNS["gate_layers"].search(key):
+            out["gate"][f"layers.{m.group(1)}"] = key
+        elif m := _REF_PATTERNS["gate_head"].search(key):
+            out["gate"][f"head.{m.group(1)}"] = key
+    return out
 
 
 def reference_adapter_tensors(tensors: dict) -> dict[str, dict[str, torch.Tensor]]:
     """Split the Q-Zoom extra tensors of a released checkpoint into twig / gate state dicts."""
-    out = {"twig": {}, "gate": {}}
-    for key, value in tensors.items():
-        if m := _REF_PATTERNS["twig"].search(key):
-            out["twig"][f"layers.{m.group(1)}"] = value
-        elif m := _REF_PATTERNS["gate_layers"].search(key):
-            out["gate"][f"layers.{m.group(1)}"] = value
-        elif m := _REF_PATTERNS["gate_head"].search(key):
-            out["gate"][f"head.{m.group(1)}"] = value
-    return out
+    return {part: {k: tensors[key] for k, key in names.items()}
+            for part, names in reference_adapter_keys(tensors).items()}
 
 
 @contextmanager
@@ -202,24 +225,60 @@ def _quiet_transformers():
         hf_logging.set_verbosity(level)
 
 
-def _backbone_key_map(model, file_keys) -> dict[str, str]:
-    """Map checkpoint keys of an older layout (e.g. `model.layers.*`) to the model's state-dict keys."""
-    own = set(model.state_dict())
-    renames = [("model.", "model.language_model."), ("visual.", "model.visual."), ("lm_head.", "lm_head.")]
+def map_checkpoint_keys(spec_cls, file_keys, model_keys) -> dict[str, str]:
+    """file key -> model state-dict key, for the file keys the model has as they are or after one of the family's
+    `checkpoint_key_renames` (regex, replacement) pairs (an older transformers layout, e.g. `model.layers.*`)."""
+    own = set(model_keys)
+    renames = [(re.compile(pattern), repl) for pattern, repl in getattr(spec_cls, "checkpoint_key_renames", ())]
     mapping = {}
     for key in file_keys:
         if key in own:
             mapping[key] = key
             continue
-        for old, new in renames:
-            if key.startswith(old) and new + key[len(old) :] in own:
-                mapping[key] = new + key[len(old) :]
+        for pattern, repl in renames:
+            new = pattern.sub(repl, key, count=1)
+            if new != key and new in own:
+                mapping[key] = new
                 break
     return mapping
 
 
-def load_reference_checkpoint(path, torch_dtype=torch.float32, device=None, attn_implementation=None):
-    """(model, twig, gate, zoom-config fields) from a released Q-Zoom checkpoint folder."""
+def _dtype_arg(torch_dtype):
+    """`torch_dtype` as `from_pretrained` takes it: "auto" (the checkpoint's own dtype), a torch dtype or its name."""
+    if torch_dtype is None or torch_dtype == "auto" or isinstance(torch_dtype, torch.dtype):
+        return torch_dtype or "auto"
+    value = getattr(torch, str(torch_dtype), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise QZoomError(f"torch_dtype {torch_dtype!r} is not \"auto\" or a torch dtype (float32, bfloat16, float16)")
+    return value
+
+
+_DEVICE_MAP_NAMES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _placement(device, device_map):
+    """`device_map` for `from_pretrained`, so weights go straight to their device (never through a second host copy):
+    the caller's `device_map`, or all on `device`, or None (the CPU). A `device` that is itself a device map (a dict,
+    or "auto" / "balanced" / ...) is taken as one, so `QZoom.from_reference_checkpoint(device="auto")` works."""
+    if device_map is not None and device is not None:
+        raise QZoomError("pass either device= or device_map=, not both")
+    if device_map is None and (isinstance(device, dict) or device in _DEVICE_MAP_NAMES):
+        device, device_map = None, device
+    if device_map is not None:
+        return device_map
+    if device is None:
+        return None
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise QZoomError(f"device {device!r} is not a torch device (cpu, cuda, cuda:N) or a device map "
+                         f"({', '.join(_DEVICE_MAP_NAMES)} or a dict)") from None
+    return None if device.type == "cpu" else {"": str(device)}
+
+
+def _reference_folder(path) -> tuple[Path, dict, type, dict[str, Path], dict]:
+    """A released checkpoint folder checked before anything slow loads: (path, config, spec class, key -> file,
+    config fields)."""
     path = _check_folder(path, "checkpoint folder")
     config_file = path / "config.json"
     if not config_file.exists():
@@ -231,39 +290,98 @@ def load_reference_checkpoint(path, torch_dtype=torch.float32, device=None, attn
     for file in files:
         _probe_safetensors(file, "checkpoint weights")
     fields = _reference_fields(raw, config_file)  # bad values fail before the model loads
+    where = _file_keys(files)
+    names = reference_adapter_keys(where)
+    if not names["twig"] and not names["gate"]:
+        raise QZoomError(f"{path} holds no Q-Zoom tensors (twig_layers / high_res_layers / high_res_head)")
+    if fields["K"] <= 0 or fields["T"] <= 0:
+        raise QZoomError(f"{config_file} lacks twig_K/twig_T (or high_res_K/high_res_T)")
+    return path, raw, spec_cls, where, fields
+
+
+def load_reference_checkpoint(path, torch_dtype="auto", device=None, attn_implementation=None, device_map=None):
+    """(model, twig, gate, zoom-config fields) from a released Q-Zoom checkpoint folder.
+
+    The base model is loaded by its HF class straight into `torch_dtype` ("auto": the checkpoint's own) and onto
+    `device` (or `device_map`, e.g. "auto"), so its weights are held once; the adapter tensors are read with
+    `safe_open` for their keys only.
+    """
+    path, raw, spec_cls, where, fields = _reference_folder(path)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    placement = _placement(device, device_map)
+    if placement is not None:
+        extra["device_map"] = placement
     with _quiet_transformers(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             model, info = spec_cls.model_class().from_pretrained(
-                str(path), torch_dtype=torch_dtype, output_loading_info=True, **extra
+                str(path), dtype=_dtype_arg(torch_dtype), output_loading_info=True, **extra
             )
         except SafetensorError as err:
             raise QZoomError(f"cannot read the checkpoint weights in {path}: {err}") from None
-    tensors = _checkpoint_tensors(path, files)
     if info.get("missing_keys"):
-        # transformers did not convert this layout: map the decoder keys ourselves
-        mapping = _backbone_key_map(model, tensors)
-        model.load_state_dict({mapping[k]: v for k, v in tensors.items() if k in mapping}, strict=False)
-        still = set(info["missing_keys"]) - set(mapping.values())
-        if still:
-            raise QZoomError(f"{path}: backbone weights missing after key mapping: {sorted(still)[:5]}")
-    model = model.to(device).eval() if device else model.eval()
+        _load_missing(model, spec_cls, where, set(info["missing_keys"]), path)
+    twig, gate = _reference_branches(path, raw, where, fields, model.eval())
+    return model, twig, gate, {k: v for k, v in fields.items() if k not in ("K", "T")}
+
+
+def load_reference_adapters(path, model) -> tuple[TwigRPN | None, DynamicGate | None, dict]:
+    """(twig, gate, zoom-config fields) of a released Q-Zoom checkpoint, for `model` already loaded from it (e.g.
+    by a transformers pipeline); only the adapter tensors are read."""
+    path, raw, spec_cls, where, fields = _reference_folder(path)
+    if spec_cls.family != get_spec(model).family:
+        raise QZoomError(f"{path} is a {spec_cls.family} checkpoint but the model is {get_spec(model).family}; "
+                         "load the model from that checkpoint")
+    twig, gate = _reference_branches(path, raw, where, fields, model)
+    return twig, gate, {k: v for k, v in fields.items() if k not in ("K", "T")}
+
+
+def _reference_branches(path: Path, raw: dict, where: dict[str, Path], fields: dict, model):
+    """The twig and gate of a released checkpoint, built on `model` and filled from its tensors."""
     raw = {**(raw.get("text_config") or {}), **raw}
-    K, T = fields.pop("K"), fields.pop("T")
-    parts = reference_adapter_tensors(tensors)
-    if not parts["twig"] and not parts["gate"]:
-        raise QZoomError(f"{path} holds no Q-Zoom tensors (twig_layers / high_res_layers / high_res_head)")
-    if K <= 0 or T <= 0:
-        raise QZoomError(f"{config_file} lacks twig_K/twig_T (or high_res_K/high_res_T)")
-    for name, part in parts.items():
-        _check_finite(part, path / f"{name} tensors")
+    names = reference_adapter_keys(where)
+    K, T = fields["K"], fields["T"]
     twig = gate = None
-    if parts["twig"] and raw.get("enable_twig", True):
-        twig = _load_state(TwigRPN.from_backbone(model, K, T), parts["twig"], path, "twig_layers")
-    if parts["gate"] and raw.get("enable_high_res", True):
-        gate = _load_state(DynamicGate.from_backbone(model, K, T), parts["gate"], path, "high_res_*")
-    return model, twig, gate, fields
+    for part, key, on in (("twig", "enable_twig", "twig_layers"), ("gate", "enable_high_res", "high_res_*")):
+        if not names[part] or not raw.get(key, True):
+            continue
+        branch = (TwigRPN if part == "twig" else DynamicGate).from_backbone(model, K, T)
+        loaded = _load_streamed(branch, names[part], where, path, on)
+        twig, gate = (loaded, gate) if part == "twig" else (twig, loaded)
+    return twig, gate
+
+
+def _load_streamed(module, names: dict[str, str], where: dict[str, Path], path: Path, what: str):
+    """Copy the checkpoint tensors `names` ({module state-dict key: file key}) into `module`, one tensor at a time
+    (at most one adapter tensor is held besides the module); the key sets must match exactly."""
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(names)), sorted(set(names) - set(own))
+    if missing or unexpected:
+        raise QZoomError(f"{path}: {what} tensors do not fit the model (missing {missing[:4]}, unexpected "
+                         f"{unexpected[:4]}); were they saved for another backbone size?")
+    for key, file_key in names.items():
+        tensor = _read_keys(where, [file_key])[file_key]
+        if tensor.shape != own[key].shape:
+            raise QZoomError(f"{path}: {what} tensor {file_key} has shape {tuple(tensor.shape)} but the model's "
+                             f"{key} is {tuple(own[key].shape)}; were they saved for another backbone size?")
+        _check_finite({file_key: tensor}, path / f"{what} tensors")
+        with torch.no_grad():
+            own[key].copy_(tensor.to(own[key].dtype))
+    return module
+
+
+def _load_missing(model, spec_cls, where: dict[str, Path], missing: set, path: Path) -> None:
+    """Weights transformers left unloaded (a layout it did not convert): map the file keys with the family's
+    renames and copy just those tensors, one file at a time."""
+    mapping = {k: v for k, v in map_checkpoint_keys(spec_cls, where, model.state_dict()).items() if v in missing}
+    still = missing - set(mapping.values())
+    if still:
+        raise QZoomError(f"{path}: backbone weights missing after key mapping: {sorted(still)[:5]}")
+    params = dict(model.named_parameters()) | dict(model.named_buffers())
+    with torch.no_grad():
+        for file_key, tensor in _read_keys(where, mapping).items():
+            target = params[mapping[file_key]]
+            target.copy_(tensor.to(target.dtype))
 
 
 def _config_number(raw: dict, key: str, kind, file: Path):

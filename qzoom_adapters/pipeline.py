@@ -4,6 +4,10 @@ Reads top to bottom like SPEC §3.3: inputs -> pass A to layer K (`trunk.py`) ->
 (`twig.py`) -> heatmap -> box -> crop (`roi.py`) -> RoI sequence, positions and batch layout (`positions.py`) ->
 pass B reusing the cache of layers < K -> decode (`decode.py`: the direct and the zoomed rows of a batch in one
 decode loop).
+
+One vision-tower call per batch for the global images (`trunk.prefill`) and one for all of its crops (preprocessed
+together by `crop_preprocess.py`); `ZoomConfig.vision_attention` selects the tower's attention for the call
+(`vision_attention.py`) and restores the model's own setting after it.
 """
 from __future__ import annotations
 
@@ -11,7 +15,6 @@ import copy
 import numbers
 import threading
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +22,7 @@ from torch import nn
 
 from qzoom_adapters import compat as _compat
 from .config import ZoomConfig, as_zoom_config, merge_zoom_config
+from .crop_preprocess import CropPreprocessor
 from .decode import Decoder, DecodeRows, eos_ids
 from .errors import QZoomError
 from .gate import DynamicGate
@@ -30,9 +34,7 @@ from .spec import get_spec
 from .timing import stage
 from .trunk import Prefill, Trunk
 from .twig import TwigRPN
-
-
-CROP_WORKERS = 8  # host threads preparing a batch's crops
+from .vision_attention import selected_vision_attention, vision_attention_key
 
 # One lock per backbone: a call registers hooks on the model's layers and keeps decode buffers, so two
 # calls on the same model (through one QZoom or several) must not overlap. Weak keys: no model is kept alive.
@@ -111,6 +113,7 @@ class QZoom:
         self._check_processor()
         self.config = config or ZoomConfig()
         self.decoder = Decoder(self.spec, self.trunk)
+        self.crop_preprocessor = CropPreprocessor()
         self._lock = _model_lock(model)
 
     def _check_processor(self) -> None:
@@ -141,6 +144,7 @@ class QZoom:
         config = as_zoom_config(config)
         if config.position_mode is None:
             config = config.model_copy(update={"position_mode": self.spec.default_position_mode})
+        vision_attention_key(self.spec, config.vision_attention)  # a tower without cu_seqlens refuses "varlen" here
         check = getattr(self.spec, "check_crop_budget", None)
         budget = config.crop_min_pixels or config.crop_max_pixels
         if check is not None and self.image_processor is not None and budget:
@@ -160,6 +164,13 @@ class QZoom:
         other = copy.copy(self)  # shares model, adapters, trunk, decoder and the per-model lock
         other.config = merge_zoom_config(self.config, config, overrides)
         return other
+
+    def release_buffers(self, empty_cache: bool = True) -> int:
+        """Free the decoder's static buffers and CUDA graphs (shared with `with_config` copies); returns the bytes of
+        buffers dropped. The next call rebuilds what it needs. `empty_cache`: also return the freed blocks to the
+        device (`torch.cuda.empty_cache()`) where CUDA is in use."""
+        with self._lock:
+            return self.decoder.release(empty_cache=empty_cache)
 
     @property
     def tokenizer(self):
@@ -226,6 +237,11 @@ class QZoom:
 
     @torch.no_grad()
     def _generate(self, inputs, images: list, max_new_tokens: int, return_trace: bool, force_zoom, boxes):
+        # the vision attention the config asks for, for this call only (restored on exit, also on errors)
+        with selected_vision_attention(self.spec, self.config.vision_attention):
+            return self._gated(inputs, images, max_new_tokens, return_trace, force_zoom, boxes)
+
+    def _gated(self, inputs, images: list, max_new_tokens: int, return_trace: bool, force_zoom, boxes):
         a = self._pass_a(inputs, images)  # pass A: vision + layers 0..K-1
         B = a.ids.shape[0]
         gate_prob = self._gate(a)  # gate on h^K
@@ -314,8 +330,8 @@ class QZoom:
                 first = a.mask[sel].argmax(dim=1)  # first real token (left padding)
                 scores, first_scores = self.twig.query_scores(spec, a.hK[sel], a.rows_kwargs(self.trunk, sel),
                                                               self.trunk, first)
-                maps = [m.cpu() for m in a.image_logits(scores, spec.image_token_id, spec, rows)]
-                first_maps = [m.cpu() for m in a.image_logits(first_scores, spec.image_token_id, spec, rows)]
+                maps = a.image_logits(scores, spec.image_token_id, spec, rows, on_host=True)
+                first_maps = a.image_logits(first_scores, spec.image_token_id, spec, rows, on_host=True)
             for j, i in enumerate(rows):
                 if boxes[i] is not None:  # the caller's box replaces the twig's
                     if self.twig is not None:
@@ -363,25 +379,12 @@ class QZoom:
         rows = sorted(crops)
         if self.image_processor is None:
             raise QZoomError("zooming re-encodes the crop: pass `image_processor=` (or a processor) to QZoom")
-        with stage("crop_encode"):
-            enc = self._process_crops([crops[i].image for i in rows], a.ids.device)
+        with stage("crop_encode"):  # every crop of the batch preprocessed together, then one vision-tower call
+            enc = self.crop_preprocessor(spec, self.image_processor, [crops[i].image for i in rows], self.config,
+                                         a.ids.device)
             roi_feats = spec.encode_images(enc["pixel_values"], enc["image_grid_thw"])
         with stage("roi_pass"):
             return self._roi_layers(a, rows, crops, enc, roi_feats)
-
-    def _process_crops(self, images: list, device) -> dict:
-        """The processor on each crop in its own thread (PIL resizing releases the GIL), joined in order."""
-        cfg = self.config
-
-        def one(image):
-            return self.spec.process_crops(self.image_processor, [image], cfg.crop_min_pixels, cfg.crop_max_pixels)
-
-        if len(images) == 1:
-            parts = [one(images[0])]
-        else:
-            with ThreadPoolExecutor(max_workers=min(len(images), CROP_WORKERS)) as pool:
-                parts = list(pool.map(one, images))
-        return {k: torch.cat([part[k] for part in parts]).to(device, non_blocking=True) for k in parts[0]}
 
     def _roi_layers(self, a: Prefill, rows: list[int], crops: dict, enc: dict, roi_feats):
         spec = self.spec

@@ -185,6 +185,13 @@ OPTIONAL_MEMBERS: dict[str, str] = {
     "tiny_config": "classmethod tiny_config(text=None, **overrides): a tiny random-init HF config (conformance kit, "
                    "`qzoom demo`, benchmarks)",
     "tiny_processor": "staticmethod tiny_processor(): an offline processor matching tiny_config's token ids",
+    "checkpoint_key_renames": "class attribute, (regex, replacement) pairs mapping checkpoint keys of an older "
+                              "transformers layout to the model's state-dict keys (`io.map_checkpoint_keys`, used by "
+                              "released-checkpoint loading where transformers did not convert a key)",
+    "vision_attention_config": "class attribute, the model-config key (e.g. \"vision_config\") of a vision tower whose "
+                               "attention takes cu_seqlens; ZoomConfig(vision_attention=\"varlen\") and "
+                               "fast_vision_attention select the packed attention for it (absent: refused)",
+    "vision_tower": "property, the vision tower module (benchmarks cast it to compare attention paths in fp32)",
 }
 
 

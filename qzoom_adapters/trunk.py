@@ -42,11 +42,18 @@ class Prefill:
         kvs = [_compat.cache_kv(self.cache, layer) for layer in range(n_layers)]
         return _compat.cache_from_kv([tuple(t[sel, :, :upto] for t in kv) for kv in kvs])
 
-    def image_logits(self, scores: torch.Tensor, image_token_id: int, spec, rows=None) -> list[torch.Tensor]:
-        """Per-sample (h_t, w_t) maps from (R, S) per-token scores of batch rows `rows` (default: all)."""
-        rows = range(self.ids.shape[0]) if rows is None else rows
-        return [scores[j][self.ids[i] == image_token_id].reshape(spec.token_grid(self.grid[i]))
-                for j, i in enumerate(rows)]
+    def image_logits(self, scores: torch.Tensor, image_token_id: int, spec, rows=None,
+                     on_host: bool = False) -> list[torch.Tensor]:
+        """Per-sample (h_t, w_t) maps from (R, S) per-token scores of batch rows `rows` (default: all).
+
+        `on_host`: the maps on the host, from one copy of the scores and of the rows' ids (not one per sample).
+        """
+        rows = list(range(self.ids.shape[0]) if rows is None else rows)
+        ids, grid = self.ids, self.grid
+        if on_host:
+            scores, ids, grid = scores.cpu(), ids[rows].cpu(), grid.cpu()
+            return [scores[j][ids[j] == image_token_id].reshape(spec.token_grid(grid[i])) for j, i in enumerate(rows)]
+        return [scores[j][ids[i] == image_token_id].reshape(spec.token_grid(grid[i])) for j, i in enumerate(rows)]
 
 
 class Trunk:

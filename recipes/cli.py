@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import eval_command
 from .infer_command import infer
 
 
@@ -201,8 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--budget", type=int, help="visual tokens of the global view, and of the crop (min = max pixels "
                                               "for that many tokens; default: the processor's own setting)")
     i.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda if available, else cpu)")
-    i.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on the CPU), float32, bfloat16 "
-                                                   "or float16")
+    i.add_argument("--dtype", default="auto", help="auto (bfloat16 on CUDA, float32 on the CPU), checkpoint (the "
+                                                   "checkpoint's own dtype, e.g. bf16 for the released Q-Zoom models), "
+                                                   "float32, bfloat16 or float16")
     i.add_argument("--max-new-tokens", type=int, default=32, help="longest answer, in tokens")
     i.set_defaults(func=infer)
 
@@ -291,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                                   "committed results)")
     bs.add_argument("--device", help="default: cuda if available, else cpu")
     bs.set_defaults(func=_bench_speed)
+    eval_command.add_parser(sub)
     for parser in _parsers(p):
         parser.formatter_class = _Help
     return p

@@ -46,12 +46,13 @@ def _load_processor(folder):
                          "processor was saved to") from None
 
 
-_DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+_DTYPE_CHOICES = ("auto", "checkpoint", "float32", "bfloat16", "float16")
 
 
 def _device_dtype(device: str, dtype: str):
     """`--device` and `--dtype` as torch objects, checked before anything loads: cpu, cuda, cuda:N or auto
-    (cuda if available, else cpu); auto dtype is bfloat16 on CUDA and float32 on the CPU."""
+    (cuda if available, else cpu); auto dtype is bfloat16 on CUDA and float32 on the CPU; "checkpoint" is the
+    checkpoint's own dtype (returned as the string "auto", as `from_pretrained` takes it)."""
     import re
 
     import torch
@@ -72,6 +73,8 @@ def _device_dtype(device: str, dtype: str):
                              f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
     if dtype not in _DTYPE_CHOICES:
         raise QZoomError(f"--dtype {dtype!r} is not one of {', '.join(_DTYPE_CHOICES)}")
+    if dtype == "checkpoint":
+        return dev, "auto"
     if dtype == "auto":
         return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
     return dev, getattr(torch, dtype)
@@ -111,14 +114,17 @@ def infer(args) -> int:
             raise QZoomError(f"adapter folder {args.adapters} does not exist" if not Path(args.adapters).exists()
                              else f"adapter folder {args.adapters} is not a folder")
     processor = _load_processor(args.processor or args.model or args.reference)
+    # weights load straight into their dtype and onto the device (device_map), never through a second host copy
     if args.reference:
         zoom = qz.QZoom.from_reference_checkpoint(args.reference, processor, torch_dtype=dtype, device=device,
                                                   **overrides)
     else:
-        zoom = qz.QZoom.from_pretrained(args.adapters, load_model(args.model, dtype=dtype), processor, **overrides)
-    for module in (zoom.model, zoom.twig, zoom.gate):
+        placement = {} if device.type == "cpu" else {"device_map": {"": str(device)}}
+        zoom = qz.QZoom.from_pretrained(args.adapters, load_model(args.model, dtype=dtype, **placement), processor,
+                                        **overrides)
+    for module in (zoom.twig, zoom.gate):  # the adapters follow the model's device and dtype
         if module is not None:
-            module.to(device, dtype)
+            module.to(device, None if dtype == "auto" else dtype)
     pixels = None
     if args.budget is not None:  # the global view (and the crop) at `--budget` visual tokens: min = max pixels
         pixels = zoom.spec.budget_pixels(args.budget)

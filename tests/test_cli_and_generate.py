@@ -135,14 +135,19 @@ def test_infer_from_saved_files(tmp_path, capsys):
 
 
 def test_reference_key_mapping_for_old_layouts():
-    from qzoom_adapters.io import _backbone_key_map
+    """The family's own renames (BackboneSpec.checkpoint_key_renames) map the transformers <= 4.51 layout."""
+    from qzoom_adapters.io import map_checkpoint_keys
+    from qzoom_adapters.spec import get_spec
 
     model = _tiny_chat_model()
     own = set(model.state_dict())
     old = ["model.layers.0.self_attn.q_proj.weight", "visual.blocks.0.norm1.weight", "lm_head.weight",
            "model.embed_tokens.weight", "model.twig_layers.0.mlp.up_proj.weight"]
-    mapping = _backbone_key_map(model, old)
-    assert mapping["model.layers.0.self_attn.q_proj.weight"] in own
-    assert mapping["visual.blocks.0.norm1.weight"] in own
-    assert mapping["model.embed_tokens.weight"] in own
+    mapping = map_checkpoint_keys(type(get_spec(model)), old, own)
+    assert mapping["model.layers.0.self_attn.q_proj.weight"] == "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert mapping["visual.blocks.0.norm1.weight"] == "model.visual.blocks.0.norm1.weight"
+    assert mapping["model.embed_tokens.weight"] in own and mapping["lm_head.weight"] == "lm_head.weight"
     assert "model.twig_layers.0.mlp.up_proj.weight" not in mapping
+    # every key of the model, written in the old layout, maps back onto itself
+    legacy = {k.replace("model.language_model.", "model.", 1).replace("model.visual.", "visual.", 1): k for k in own}
+    assert map_checkpoint_keys(type(get_spec(model)), legacy, own) == legacy

@@ -43,7 +43,7 @@ def test_every_option_of_every_command_has_help_and_shows_its_default():
     ("--budget", "-3", "--budget must be at least 1"),
     ("--device", "tpu", "--device 'tpu' is not cpu, cuda, cuda:N or auto"),
     ("--device", "cuda:x", "is not cpu, cuda, cuda:N or auto"),
-    ("--dtype", "int8", "--dtype 'int8' is not one of auto, float32, bfloat16, float16"),
+    ("--dtype", "int8", "--dtype 'int8' is not one of auto, checkpoint, float32, bfloat16, float16"),
 ])
 def test_infer_budget_device_dtype_fail_in_one_line_before_loading(tmp_path, capsys, flag, value, words):
     # no model, adapters or image exist: any of them checked first would give another message
