@@ -4,6 +4,8 @@ Importing this module registers the task with transformers' `PIPELINE_REGISTRY` 
 pipeline); it is not imported by `import qzoom_adapters`, because importing `transformers.pipelines` costs seconds:
 
     import qzoom_adapters.hf_pipeline  # registers "qzoom-image-text-to-text"
+    # (a model folder with the project's offline tiny processor, e.g. the ZoomWorld default, also needs
+    #  `import qzoom_adapters.backbones.tiny_processor` so that AutoProcessor knows it; core never imports backbones)
     from transformers import pipeline
 
     pipe = pipeline("qzoom-image-text-to-text", model="path/to/model", adapters="path/to/adapters")
@@ -23,8 +25,6 @@ from pathlib import Path
 
 from transformers import AutoModelForImageTextToText, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
-
-import qzoom_adapters.backbones.tiny_processor  # noqa: F401  (AutoProcessor loads the offline tiny processors too)
 
 from .config import ZoomConfig
 from .errors import QZoomError

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import qzoom_adapters.backbones.tiny_processor  # noqa: F401  (AutoProcessor loads the offline tiny processors)
 import qzoom_adapters.hf_pipeline  # noqa: F401  (registers the task)
 from qzoom_adapters.benchmarks.zoomworld.shipped import DEFAULT_DIR, demo_samples, load_default
 from qzoom_adapters.errors import QZoomError
