@@ -11,6 +11,8 @@ grayscale (`I;16`, `I;16L`, `I;16B`, `I;16N`, and `I` holding values up to 65535
 """
 from __future__ import annotations
 
+import threading
+
 import os
 import stat
 from pathlib import Path
@@ -46,7 +48,7 @@ def load_image(path) -> Image.Image:
         raise QZoomError(f"image {path} is an empty file (0 bytes)")
     try:
         with Image.open(path) as im:
-            im.load()
+            _load_strict(im)
             return to_rgb(im, str(path))
     except Image.DecompressionBombError as err:
         raise QZoomError(f"image {path} is too large to decode safely ({err}); downscale it first, or raise "
@@ -55,6 +57,23 @@ def load_image(path) -> Image.Image:
         raise QZoomError(f"{path} is not an image PIL can read (wrong format or not an image file)") from None
     except (OSError, SyntaxError, ValueError) as err:  # truncated or corrupt data (PIL raises these)
         raise QZoomError(f"image {path} is truncated or corrupt ({err})") from None
+
+
+_STRICT_LOAD = threading.Lock()
+
+
+def _load_strict(im: Image.Image) -> None:
+    """`im.load()` that refuses truncated data even when another library (lmms-eval does, on import) has set PIL's
+    process-wide `ImageFile.LOAD_TRUNCATED_IMAGES`, which would pad a cut file silently; the flag is restored."""
+    from PIL import ImageFile
+
+    with _STRICT_LOAD:
+        saved = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            im.load()
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
 def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:

@@ -420,3 +420,23 @@ def test_cli_heatmap_target_is_checked_and_never_the_input(saved, tmp_path, caps
     assert rc == 0
     with Image.open(tmp_path / "old.png") as heat:
         assert heat.size == image.size
+
+
+def test_truncated_images_are_refused_even_when_pil_is_told_to_pad_them(tmp_path, image):
+    """lmms-eval sets PIL's process-wide LOAD_TRUNCATED_IMAGES on import; our loader still refuses a cut file and
+    leaves the flag as it found it."""
+    from PIL import ImageFile
+
+    from qzoom_adapters.images import load_image
+
+    image.save(tmp_path / "ok.png")
+    data = (tmp_path / "ok.png").read_bytes()
+    (tmp_path / "trunc.png").write_bytes(data[: len(data) // 3])
+    saved = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = True
+    try:
+        with pytest.raises(qz.QZoomError, match="truncated or corrupt"):
+            load_image(tmp_path / "trunc.png")
+        assert ImageFile.LOAD_TRUNCATED_IMAGES is True
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved
