@@ -13,11 +13,11 @@ pipeline); it is not imported by `import qzoom_adapters`, because importing `tra
     out["generated_text"], out["zoomed"], out["gate_prob"], out["bbox"], out["heatmap"]
 
 transformers loads the model (a folder by its family's class, a hub id by `AutoModelForImageTextToText`; the usual
-`dtype=`, `device=`, `device_map=` apply) and its processor; the pipeline attaches the adapters with `QZoom.from_pretrained` (a folder written by
-`save_pretrained`), or reads them from the model's own released Q-Zoom checkpoint with `adapters="reference"`.
-Keyword arguments that are `ZoomConfig` fields (`gate_threshold=0.05`, `roi_threshold=...`) override the saved
-settings. Answers are greedy and come from `QZoom.generate` (a batch of `batch_size` samples per call, each with
-its own gate decision).
+`dtype=`, `device=`, `device_map=` apply) and its processor; the pipeline attaches the adapters with
+`QZoom.from_pretrained` (a folder written by `save_pretrained`), or reads them from the model's own released Q-Zoom
+checkpoint with `adapters="reference"`. Keyword arguments that are `ZoomConfig` fields (`gate_threshold=0.05`,
+`roi_threshold=...`) override the saved settings. Answers are greedy and come from `QZoom.generate` (a batch of
+`batch_size` samples per call, each with its own gate decision).
 """
 from __future__ import annotations
 

@@ -27,7 +27,6 @@ from tqdm import tqdm
 from .model_args import REFERENCE, ModelArgsError, QZoomModelArgs, parse_model_args
 
 DEFAULT_MAX_NEW_TOKENS = 128  # when a task's generation_kwargs set none (as lmms-eval's Qwen-VL models)
-_GREEDY_ONLY = ("temperature", "do_sample", "top_p", "top_k", "num_beams")
 
 
 @dataclass
@@ -90,8 +89,9 @@ def load_zoom(args: QZoomModelArgs, device: torch.device):
         raise ModelArgsError(str(err)) from None
     except OSError as err:  # a hub id or folder transformers cannot resolve
         raise ModelArgsError(f"cannot load pretrained={args.pretrained}: {str(err).strip().splitlines()[0]}") from None
-    for module in (zoom.twig, zoom.gate):
-        module is None or module.to(device, None if dtype == "auto" else dtype)
+    for module in (zoom.twig, zoom.gate):  # the adapters follow the model's device and dtype
+        if module is not None:
+            module.to(device, None if dtype == "auto" else dtype)
     if args.budget is not None:
         pixels = zoom.spec.budget_pixels(args.budget)
         if pixels is None:
@@ -166,8 +166,9 @@ class QZoomLMM(lmms):
         return visuals[0], question
 
     def _max_new_tokens(self, gen_kwargs: dict) -> int:
-        if any(gen_kwargs.get(k) not in (None, 0, 0.0, False, 1, 1.0) for k in _GREEDY_ONLY) and not self._warned_sampling:
-            warnings.warn("qzoom decodes greedily; the task's sampling settings are ignored", stacklevel=2)
+        sampling = gen_kwargs.get("do_sample") is True or (gen_kwargs.get("num_beams") or 1) > 1
+        if sampling and not self._warned_sampling:
+            warnings.warn("qzoom decodes greedily; the task's sampling / beam settings are ignored", stacklevel=2)
             self._warned_sampling = True
         return int(gen_kwargs.get("max_new_tokens") or self.args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
 
