@@ -46,38 +46,12 @@ def _load_processor(folder):
                          "processor was saved to") from None
 
 
-_DTYPE_CHOICES = ("auto", "checkpoint", "float32", "bfloat16", "float16")
-
-
 def _device_dtype(device: str, dtype: str):
-    """`--device` and `--dtype` as torch objects, checked before anything loads: cpu, cuda, cuda:N or auto
-    (cuda if available, else cpu); auto dtype is bfloat16 on CUDA and float32 on the CPU; "checkpoint" is the
-    checkpoint's own dtype (returned as the string "auto", as `from_pretrained` takes it)."""
-    import re
+    """`--device` and `--dtype` as torch objects, checked before anything loads (`qzoom_adapters.devices`)."""
+    from qzoom_adapters.devices import resolve_device, resolve_dtype
 
-    import torch
-
-    from qzoom_adapters.errors import QZoomError
-
-    text = (device or "auto").strip().lower()
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
-        raise QZoomError(f"--device {device!r} is not cpu, cuda, cuda:N or auto")
-    if text == "auto":
-        text = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(text)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise QZoomError(f"--device {device}: no CUDA device is available here; use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise QZoomError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                             f"cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
-    if dtype not in _DTYPE_CHOICES:
-        raise QZoomError(f"--dtype {dtype!r} is not one of {', '.join(_DTYPE_CHOICES)}")
-    if dtype == "checkpoint":
-        return dev, "auto"
-    if dtype == "auto":
-        return dev, torch.bfloat16 if dev.type == "cuda" else torch.float32
-    return dev, getattr(torch, dtype)
+    dev = resolve_device(device)
+    return dev, resolve_dtype(dtype, dev)
 
 
 def infer(args) -> int:

@@ -43,25 +43,24 @@ class SampleStat:
 
 
 def _device(name: str | None) -> torch.device:
-    text = (name or "auto").strip().lower()
-    if text == "auto":
-        text = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(text)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ModelArgsError(f"device={name}: no CUDA device is available here; use device=cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ModelArgsError(f"device={name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
+    from qzoom_adapters.devices import resolve_device
+    from qzoom_adapters.errors import QZoomError
+
+    try:
+        return resolve_device(name, label="device=")
+    except QZoomError as err:
+        raise ModelArgsError(str(err)) from None
 
 
 def _dtype(name: str, device: torch.device):
     """auto: bf16 on CUDA, fp32 on the CPU (as `qzoom infer`); checkpoint: the checkpoint's own ("auto")."""
-    if name == "checkpoint":
-        return "auto"
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
+    from qzoom_adapters.devices import resolve_dtype
+    from qzoom_adapters.errors import QZoomError
+
+    try:
+        return resolve_dtype(name, device, label="dtype=")
+    except QZoomError as err:
+        raise ModelArgsError(str(err)) from None
 
 
 def load_zoom(args: QZoomModelArgs, device: torch.device):
