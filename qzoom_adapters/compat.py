@@ -281,8 +281,9 @@ def query_rows_kwargs(kwargs: dict, rows: slice) -> dict:
 # when its config names a flash implementation; for any other name it splits the sequence per window in a Python loop
 # and calls the function once per window. How a line decides "flash":
 # * 5.x (`is_flash_attention_requested` exists): any name containing "flash". A function registered under such a name
-#   through `AttentionInterface.register` is accepted by `model.set_attn_implementation({"vision_config": NAME})` on
-#   the loaded model, and restored the same way.
+#   through `AttentionInterface.register` and written to the vision config's setting takes the packed branch; the
+#   setting is restored on exit. (`set_attn_implementation` accepted such a name up to 5.24; 5.25 preloads every
+#   "flash" name as a hub kernel and refuses it, so the setting is written the way that call writes sub-configs.)
 # * 4.57: only the exact name "flash_attention_2", which `set_attn_implementation` refuses without the flash_attn
 #   package. Nothing public selects the packed branch for another function there, so the equivalent used is: while a
 #   selection is active, "flash_attention_2" is registered (public `AttentionInterface.register`) to a dispatcher
@@ -375,17 +376,15 @@ def vision_attention(model: torch.nn.Module, config_key: str, fn):
     if sub is None:
         raise ValueError(f"{type(model).__name__}.config has no {config_key!r} sub-config")
     before = attn_settings(model)
-    previous = sub.__dict__.get("_attn_implementation_internal")
     try:
         if _NAMED_FLASH_BRANCH:
             from transformers import AttentionInterface
 
             if AttentionInterface().get(VISION_ATTENTION_NAME) is not fn:
                 AttentionInterface.register(VISION_ATTENTION_NAME, fn)
-            model.set_attn_implementation({config_key: VISION_ATTENTION_NAME})
-            if sub._attn_implementation != VISION_ATTENTION_NAME:
-                raise RuntimeError(f"{type(model).__name__}.set_attn_implementation did not select "
-                                   f"{VISION_ATTENTION_NAME!r} for {config_key}")
+            # written as `set_attn_implementation` writes sub-configs; the public call itself cannot be used from 5.25
+            # on, where it preloads any "flash" name as a hub kernel and fails for a registered function
+            sub._attn_implementation_internal = VISION_ATTENTION_NAME
         else:
             _route_fa2(sub, fn)
         yield
@@ -393,8 +392,6 @@ def vision_attention(model: torch.nn.Module, config_key: str, fn):
         try:
             if not _NAMED_FLASH_BRANCH:
                 _unroute_fa2(sub)
-            elif previous is not None and sub._attn_implementation != previous:
-                model.set_attn_implementation({config_key: previous})
         finally:
             _restore_attn_settings(before)  # exact, whatever the public call normalised
 
