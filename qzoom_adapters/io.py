@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_write
 from .config import AdapterConfig, ZoomConfig, validation_message
+from .devices import loading_dtype, placement
 from .errors import QZoomError
 from .gate import DynamicGate
 from .images import check_regular_file
@@ -243,39 +244,6 @@ def map_checkpoint_keys(spec_cls, file_keys, model_keys) -> dict[str, str]:
     return mapping
 
 
-def _dtype_arg(torch_dtype):
-    """`torch_dtype` as `from_pretrained` takes it: "auto" (the checkpoint's own dtype), a torch dtype or its name."""
-    if torch_dtype is None or torch_dtype == "auto" or isinstance(torch_dtype, torch.dtype):
-        return torch_dtype or "auto"
-    value = getattr(torch, str(torch_dtype), None)
-    if not isinstance(value, torch.dtype) or not value.is_floating_point:
-        raise QZoomError(f"torch_dtype {torch_dtype!r} is not \"auto\" or a torch dtype (float32, bfloat16, float16)")
-    return value
-
-
-_DEVICE_MAP_NAMES = ("auto", "balanced", "balanced_low_0", "sequential")
-
-
-def _placement(device, device_map):
-    """`device_map` for `from_pretrained`, so weights go straight to their device (never through a second host copy):
-    the caller's `device_map`, or all on `device`, or None (the CPU). A `device` that is itself a device map (a dict,
-    or "auto" / "balanced" / ...) is taken as one, so `QZoom.from_reference_checkpoint(device="auto")` works."""
-    if device_map is not None and device is not None:
-        raise QZoomError("pass either device= or device_map=, not both")
-    if device_map is None and (isinstance(device, dict) or device in _DEVICE_MAP_NAMES):
-        device, device_map = None, device
-    if device_map is not None:
-        return device_map
-    if device is None:
-        return None
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise QZoomError(f"device {device!r} is not a torch device (cpu, cuda, cuda:N) or a device map "
-                         f"({', '.join(_DEVICE_MAP_NAMES)} or a dict)") from None
-    return None if device.type == "cpu" else {"": str(device)}
-
-
 def _reference_folder(path) -> tuple[Path, dict, type, dict[str, Path], dict]:
     """A released checkpoint folder checked before anything slow loads: (path, config, spec class, key -> file,
     config fields)."""
@@ -299,23 +267,27 @@ def _reference_folder(path) -> tuple[Path, dict, type, dict[str, Path], dict]:
     return path, raw, spec_cls, where, fields
 
 
-def load_reference_checkpoint(path, torch_dtype="auto", device=None, attn_implementation=None, device_map=None):
+def load_reference_checkpoint(path, torch_dtype="auto", device=None, attn_implementation=None, device_map=None,
+                              dtype=None):
     """(model, twig, gate, zoom-config fields) from a released Q-Zoom checkpoint folder.
 
-    The base model is loaded by its HF class straight into `torch_dtype` ("auto": the checkpoint's own) and onto
-    `device` (or `device_map`, e.g. "auto"), so its weights are held once; the adapter tensors are read with
-    `safe_open` for their keys only.
+    The base model is loaded by its HF class straight into `torch_dtype` (or `dtype`, its transformers-5 name;
+    "auto": the checkpoint's own) and onto `device` (e.g. "cuda:0") or `device_map` ("auto", "cuda:0", a dict), so
+    its weights are held once; the adapter tensors are read with `safe_open` for their keys only, into twig and gate
+    layers that sit on the device (and in the dtype) of the trunk layers they copy. Dtype and placement are checked
+    before anything loads (`qzoom_adapters.devices`).
     """
+    load_dtype = loading_dtype(torch_dtype, dtype)
+    where_to = placement(device, device_map)
     path, raw, spec_cls, where, fields = _reference_folder(path)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    placement = _placement(device, device_map)
-    if placement is not None:
-        extra["device_map"] = placement
+    if where_to is not None:
+        extra["device_map"] = where_to
     with _quiet_transformers(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             model, info = spec_cls.model_class().from_pretrained(
-                str(path), dtype=_dtype_arg(torch_dtype), output_loading_info=True, **extra
+                str(path), dtype=load_dtype, output_loading_info=True, **extra
             )
         except SafetensorError as err:
             raise QZoomError(f"cannot read the checkpoint weights in {path}: {err}") from None

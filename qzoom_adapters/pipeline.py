@@ -469,12 +469,13 @@ class QZoom:
                    config=merge_zoom_config(saved, config, overrides))
 
     @classmethod
-    def from_reference_checkpoint(cls, path, processor=None, *, image_processor=None, config=None,
-                                  torch_dtype=torch.float32, device=None, **overrides):
-        """A released Q-Zoom checkpoint folder: base model with its own class + twig/gate from its extra keys."""
+    def from_reference_checkpoint(cls, path, processor=None, *, image_processor=None, config=None, torch_dtype="auto",
+                                  dtype=None, device=None, device_map=None, attn_implementation=None, **overrides):
+        """A released Q-Zoom checkpoint folder in `torch_dtype`/`dtype` ("auto": its own) on `device`/`device_map`
+        ("auto", "cuda:0", a dict), held once (`io.load_reference_checkpoint`); config as in `from_pretrained`."""
         from .io import load_reference_checkpoint
 
-        model, twig, gate, fields = load_reference_checkpoint(path, torch_dtype=torch_dtype, device=device)
+        model, twig, gate, fields = load_reference_checkpoint(path, torch_dtype, device, attn_implementation,
+                                                              device_map, dtype)
         return cls(model, processor, twig=twig, gate=gate, image_processor=image_processor,
                    config=merge_zoom_config({**ZoomConfig().model_dump(), **fields}, config, overrides))
-

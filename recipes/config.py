@@ -138,7 +138,22 @@ class Stage2Section(_Section):
     box_noise: float = Field(0.8, ge=0.0, le=1.0)
     box_noise_sides: tuple[float, float] = (0.1, 0.6)
     lora: LoraSection | None = None
+    # visual-token budgets: each sample draws one per epoch (fixed by seed, epoch and index) for its global view
+    # and its crop, so the model learns the [global | RoI] sequence at every budget it will be run at; None: the
+    # processor's own pixels for the global view and the adapters' crop pixels, as at inference
+    budgets: list[int] | None = None
+    # the first `frozen_layers` decoder layers stay as they are (and a LM head tied to the input embeddings too):
+    # with frozen_layers >= K the layer-K states the twig and the gate read do not change, so the stage-1/3 adapters
+    # stay valid without a stage-2.5 relabel
+    frozen_layers: int = Field(0, ge=0)
     train: TrainSection = Field(default_factory=lambda: TrainSection(lr=1e-6))
+
+    @field_validator("budgets")
+    @classmethod
+    def _positive_budgets(cls, v):
+        if v is not None and (not v or any(b < 1 for b in v) or len(set(v)) != len(v)):
+            raise ValueError(f"budgets must be distinct visual-token counts of at least 1 (got {v}); e.g. [64, 128, 256]")
+        return v
 
 
 class LabelsStage3Section(_Section):

@@ -80,10 +80,13 @@ def mine(cfg: RecipeConfig, show_progress: bool = True) -> dict:
 
 # --- post-SFT --------------------------------------------------------------------------------
 class Stage2Dataset(torch.utils.data.Dataset):
-    """Regression records; per (epoch, index) a fixed draw decides box noise (resumable)."""
+    """Regression records; per (epoch, index) a fixed draw decides box noise and, with `budgets`, the sample's
+    visual-token budget (resumable)."""
 
-    def __init__(self, rows: list[dict], box_noise: float, sides: tuple[float, float], seed: int):
+    def __init__(self, rows: list[dict], box_noise: float, sides: tuple[float, float], seed: int,
+                 budgets: list[int] | None = None):
         self.rows, self.box_noise, self.sides, self.seed = rows, box_noise, sides, seed
+        self.budgets = budgets
 
     def __len__(self):
         return len(self.rows)
@@ -95,8 +98,9 @@ class Stage2Dataset(torch.utils.data.Dataset):
         if rng.random() < self.box_noise:  # a random box: each side U[sides] of the image, random place
             fw, fh = rng.uniform(*self.sides), rng.uniform(*self.sides)
             noise = (rng.uniform(0, 1 - fw), rng.uniform(0, 1 - fh), fw, fh)
+        budget = rng.choice(self.budgets) if self.budgets else None  # drawn after the noise: same noise as without
         return {"image": load_image(SampleRecord(**row)), "question": row["question"], "target": row["target"],
-                "noise": noise}
+                "noise": noise, "budget": budget}
 
 
 def random_crop(image, noise, grid_hw, min_side: int) -> Crop:
@@ -112,15 +116,32 @@ def random_crop(image, noise, grid_hw, min_side: int) -> Crop:
 
 
 class Stage2Collate:
+    """A micro-batch: one dict when its items share a budget (or have none), else one dict per budget, in
+    increasing order (a processor call encodes at one pixel budget). A dict's `pixels` is its budget's pixels for
+    the global view and the crop (None: the processor's and the adapters' own)."""
+
     def __init__(self, spec, processor, eos_id: int):
         self.spec, self.processor, self.eos_id = spec, processor, eos_id
 
     def __call__(self, items):
-        inputs = self.spec.chat_inputs(self.processor, [it["image"] for it in items], [it["question"] for it in items])
+        by_budget: dict = {}
+        for it in items:
+            by_budget.setdefault(it.get("budget"), []).append(it)
+        groups = [self._group(by_budget[b], b) for b in sorted(by_budget, key=lambda b: (b is not None, b or 0))]
+        return groups[0] if len(groups) == 1 else groups
+
+    def _group(self, items, budget):
+        pixels = None if budget is None else self.spec.budget_pixels(budget)
+        inputs = self.spec.chat_inputs(self.processor, [it["image"] for it in items], [it["question"] for it in items],
+                                       pixels=pixels)
         tok = self.processor.tokenizer
         targets = [tok(it["target"], add_special_tokens=False)["input_ids"] + [self.eos_id] for it in items]
         return {"inputs": inputs, "images": [it["image"] for it in items], "targets": targets,
-                "noise": [it["noise"] for it in items]}
+                "noise": [it["noise"] for it in items], "pixels": pixels}
+
+
+def _groups(batch) -> list[dict]:
+    return batch if isinstance(batch, list) else [batch]
 
 
 def _split(x: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
@@ -151,7 +172,7 @@ class PostSFTObjective(nn.Module):
     @staticmethod
     def loss_terms(batch) -> int:
         """Answer tokens (a sample that gets no crop drops out of its micro-batch's mean)."""
-        return sum(len(t) for t in batch["targets"])
+        return sum(len(t) for g in _groups(batch) for t in g["targets"])
 
     def _crops(self, inputs, batch):
         """The twig's live prediction at the last prompt token **[fix]**, or the noise box."""
@@ -171,6 +192,14 @@ class PostSFTObjective(nn.Module):
         return a, crops
 
     def forward(self, batch):
+        """The mean answer-token loss of the micro-batch; over its budget groups, weighted by their answer tokens."""
+        groups = _groups(batch)
+        if len(groups) == 1:
+            return self._group_loss(groups[0])
+        terms = [sum(map(len, g["targets"])) for g in groups]
+        return sum(self._group_loss(g) * n for g, n in zip(groups, terms)) / sum(terms)
+
+    def _group_loss(self, batch):
         spec = self.spec
         dev = self.spec.embed_tokens.weight.device
         inputs = batch_to(batch["inputs"], dev)
@@ -178,8 +207,9 @@ class PostSFTObjective(nn.Module):
         keep = [j for j, c in enumerate(crops) if c is not None]  # samples without a crop give no loss
         if not keep:
             return spec.lm_head.weight.sum() * 0.0
-        enc = spec.process_crops(self.image_processor, [crops[j].image for j in keep], self.zoom_cfg.crop_min_pixels,
-                                 self.zoom_cfg.crop_max_pixels)
+        px = batch.get("pixels")
+        lo, hi = (px, px) if px is not None else (self.zoom_cfg.crop_min_pixels, self.zoom_cfg.crop_max_pixels)
+        enc = spec.process_crops(self.image_processor, [crops[j].image for j in keep], lo, hi)
         enc = batch_to(enc, dev)
         with torch.no_grad():
             roi_feats = spec.encode_images(enc["pixel_values"], enc["image_grid_thw"])
@@ -229,10 +259,21 @@ def _left_pad(seqs, dev):
     return ids, mask, pos, labels
 
 
-def _trainable_llm(model, spec) -> None:
-    """Decoder layers + LM head train (with tied embeddings the head is the embedding matrix); the rest is frozen."""
+def _tied_head(spec) -> bool:
+    return spec.lm_head.weight.data_ptr() == spec.embed_tokens.weight.data_ptr()
+
+
+def _trainable_llm(model, spec, frozen_layers: int = 0) -> None:
+    """Decoder layers from `frozen_layers` on + LM head train (with tied embeddings the head is the embedding
+    matrix, so it stays frozen when earlier layers do: it feeds them); the rest is frozen."""
+    if frozen_layers >= len(spec.layers):
+        raise QZoomError(f"stage2.frozen_layers={frozen_layers} freezes all {len(spec.layers)} decoder layers; "
+                         f"nothing would train")
     freeze(model)
-    for module in (spec.layers, spec.lm_head):
+    modules = list(spec.layers)[frozen_layers:]
+    if not (frozen_layers and _tied_head(spec)):
+        modules.append(spec.lm_head)
+    for module in modules:
         for p in module.parameters():
             p.requires_grad_(True)
 
@@ -265,11 +306,13 @@ def train_stage2(cfg: RecipeConfig, stop_after: int | None = None) -> dict:
     torch.manual_seed(sec.train.seed)  # LoRA's random init follows the run's seed (reproducible runs)
     trained = _apply_lora(model, spec, sec.lora) if sec.lora else model
     if not sec.lora:
-        _trainable_llm(model, spec)
+        _trainable_llm(model, spec, sec.frozen_layers)
+    elif sec.frozen_layers:
+        raise QZoomError("stage2.frozen_layers applies to full-LLM post-SFT; with stage2.lora set, leave it at 0")
     rows = read_rows(sec.data)
     if not rows:
         raise QZoomError(f"{sec.data} holds no training rows (did mining find no regressions?)")
-    dataset = Stage2Dataset(rows, sec.box_noise, tuple(sec.box_noise_sides), sec.train.seed)
+    dataset = Stage2Dataset(rows, sec.box_noise, tuple(sec.box_noise_sides), sec.train.seed, sec.budgets)
     objective = PostSFTObjective(trained, spec, twig.to(model.device), processor.image_processor, zoom_cfg)
     eos = model.generation_config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos

@@ -14,10 +14,10 @@ from qzoom_adapters.backbones.qwen3_vl import Qwen3VLSpec
 K, T = 3, 3
 
 
-def _released(spec_cls, path, prefix: str, nested_fields: bool):
-    """A tiny model saved with Q-Zoom tensors under `prefix` and the reference's config fields."""
+def _released(spec_cls, path, prefix: str, nested_fields: bool, dtype=torch.float32):
+    """A tiny model saved (in `dtype`) with Q-Zoom tensors under `prefix` and the reference's config fields."""
     torch.manual_seed(11)
-    model = spec_cls.model_class()._from_config(spec_cls.tiny_config()).eval()
+    model = spec_cls.model_class()._from_config(spec_cls.tiny_config()).to(dtype).eval()
     twig = qz.TwigRPN.from_backbone(model, K, T)
     gate = qz.DynamicGate.from_backbone(model, K, T)
     with torch.no_grad():
@@ -60,3 +60,91 @@ def test_released_layout_round_trip(spec_cls, prefix, nested, tmp_path, request)
     a = zoom.generate(kit.images[:2], kit.questions[:2], max_new_tokens=3)
     b = direct.generate(kit.images[:2], kit.questions[:2], max_new_tokens=3)
     assert [(o.tokens, o.bbox) for o in a] == [(o.tokens, o.bbox) for o in b]
+
+
+# --- dtype and placement (issue 17: released checkpoints at real scale) ----------------------------------------
+@pytest.fixture(scope="module")
+def bf16_release(tmp_path_factory):
+    """A Qwen2.5-VL checkpoint released in bf16, in the transformers 4.51 layout (`model.layers.*`)."""
+    path = tmp_path_factory.mktemp("bf16_release")
+    model, twig, gate = _released(Qwen2_5_VLSpec, path, "model.", False, dtype=torch.bfloat16)
+    assert {t.dtype for t in load_file(str(path / "model.safetensors")).values()} == {torch.bfloat16}
+    return path, model, twig, gate
+
+
+def _dtypes(zoom) -> set:
+    return {p.dtype for m in (zoom.model, zoom.twig, zoom.gate) for p in m.parameters()}
+
+
+def test_a_bf16_release_loads_in_bf16_by_default_and_in_fp32_when_asked(bf16_release, qwen25):
+    path, model, twig, gate = bf16_release
+    own = qz.QZoom.from_reference_checkpoint(path, qwen25.processor)
+    assert _dtypes(own) == {torch.bfloat16}
+    for ours, ref in ((own.model, model), (own.twig, twig), (own.gate, gate)):
+        for (n, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):
+            assert torch.equal(a, b), n
+    for kwargs in ({"torch_dtype": torch.float32}, {"torch_dtype": "float32"}, {"dtype": "float32"},
+                   {"dtype": torch.float32, "torch_dtype": "auto"}):
+        wide = qz.QZoom.from_reference_checkpoint(path, qwen25.processor, **kwargs)
+        assert _dtypes(wide) == {torch.float32}, kwargs
+        for ours, ref in ((wide.model, own.model), (wide.twig, own.twig), (wide.gate, own.gate)):
+            for (n, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):
+                assert torch.equal(a, b.float()), n  # bf16 values widen exactly
+
+
+@torch.no_grad()
+def test_device_map_cpu_gives_the_same_answers_as_the_default_load(bf16_release, qwen25, one_thread):
+    path = bf16_release[0]
+    runs = {}
+    for name, kwargs in (("default", {}), ("device_map", {"device_map": "cpu"}), ("dict", {"device_map": {"": "cpu"}}),
+                         ("device", {"device": torch.device("cpu")})):
+        zoom = qz.QZoom.from_reference_checkpoint(path, qwen25.processor, dtype="float32", gate_threshold=0.0, **kwargs)
+        assert {p.device.type for m in (zoom.model, zoom.twig, zoom.gate) for p in m.parameters()} == {"cpu"}
+        outs = zoom.generate(qwen25.images[:2], qwen25.questions[:2], max_new_tokens=3, return_trace=True)
+        assert all(o.zoomed for o in outs), name
+        runs[name] = outs
+    for name, outs in runs.items():
+        for a, b in zip(outs, runs["default"]):
+            assert (a.tokens, a.bbox) == (b.tokens, b.bbox), name
+            assert torch.equal(a.trace["first_logits"], b.trace["first_logits"]), name
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"torch_dtype": "int8"}, "torch_dtype='int8' is not \"auto\" or a floating torch dtype"),
+    ({"dtype": "bf16"}, "dtype='bf16' is not \"auto\" or a floating torch dtype"),
+    ({"torch_dtype": torch.int64}, "torch_dtype=torch.int64 is not"),
+    ({"torch_dtype": "float16", "dtype": "float32"}, "pass torch_dtype= or dtype="),
+    ({"device": "tpu"}, "device='tpu' is not cpu, cuda, cuda:N or auto"),
+    ({"device_map": "gpu"}, "device_map='gpu' is not cpu, cuda, cuda:N or auto"),
+    ({"device_map": {"": -1}}, "device_map\\[''\\]=-1 is not a CUDA device index"),
+    ({"device_map": {"model": "auto"}}, "device_map\\['model'\\]='auto' is not a device"),
+    ({"device_map": {}}, "names no module"),
+    ({"device": "cpu", "device_map": "auto"}, "either device= or device_map="),
+])
+def test_bad_dtype_or_placement_is_one_clear_error_before_anything_loads(tmp_path, kwargs, match):
+    with pytest.raises(qz.QZoomError, match=match) as err:
+        qz.QZoom.from_reference_checkpoint(tmp_path / "nowhere", **kwargs)  # checked before the folder is read
+    assert len(str(err.value).splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+@pytest.mark.parametrize("kwargs", [{"device": "cuda"}, {"device_map": "cuda:0"}, {"device_map": {"": 0}}])
+def test_cuda_placement_without_cuda_says_so(bf16_release, kwargs):
+    with pytest.raises(qz.QZoomError, match="no CUDA device is available here"):
+        qz.QZoom.from_reference_checkpoint(bf16_release[0], **kwargs)
+
+
+def test_qzoom_infer_reference_dtype_checkpoint_answers_as_the_python_api(bf16_release, qwen25, tmp_path, capsys):
+    from qzoom_adapters.recipes.cli import main
+
+    path = bf16_release[0]
+    qwen25.processor.save_pretrained(tmp_path / "processor")
+    qwen25.images[0].save(tmp_path / "img.png")
+    zoom = qz.QZoom.from_reference_checkpoint(path, qwen25.processor, gate_threshold=0.0)
+    expected = zoom.generate([qwen25.images[0]], [qwen25.questions[0]], max_new_tokens=3)[0]
+    assert expected.zoomed and _dtypes(zoom) == {torch.bfloat16}
+    rc = main(["infer", "--reference", str(path), "--processor", str(tmp_path / "processor"), "--image",
+               str(tmp_path / "img.png"), "--question", qwen25.questions[0], "--max-new-tokens", "3",
+               "--gate-threshold", "0", "--device", "cpu", "--dtype", "checkpoint"])
+    out = capsys.readouterr().out
+    assert rc == 0 and f"zoomed=True box={expected.bbox}" in out and out.rstrip("\n").endswith(expected.text)

@@ -234,6 +234,113 @@ def test_samples_without_crop_give_no_loss(tiny):
     assert zero.item() == 0.0 and zero.requires_grad
 
 
+def test_budget_groups_encode_at_their_budget_and_weigh_by_answer_tokens(tiny):
+    """Items of two budgets: one group per budget, each encoded (global view and crop) at that budget; the
+    micro-batch's loss is the answer-token-weighted mean of the groups' losses, each equal to the group alone."""
+    t = tiny("qwen2_5_vl")
+    model, processor, spec = t.load()
+    twig, _, _ = load_adapters(t.adapters, model)
+    objective = _objective(model, processor, spec, twig, -1.0)
+    recs = t.records(3)
+    images, qs, targets = [load_image(r) for r in recs], _questions(recs), ["ab", "cdef", "g"]
+    budgets = [16, 4, 16]
+    items = [{"image": im, "question": q, "target": tg, "noise": None, "budget": b}
+             for im, q, tg, b in zip(images, qs, targets, budgets)]
+    collate = s2.Stage2Collate(spec, processor, _eos(model))
+    groups = collate(items)
+    assert isinstance(groups, list) and [g["pixels"] for g in groups] == [spec.budget_pixels(4), spec.budget_pixels(16)]
+    counts = []
+    for g, b in zip(groups, (4, 16)):
+        per_image = (g["inputs"]["input_ids"] == spec.image_token_id).sum(dim=1).tolist()
+        own = [int((spec.chat_inputs(processor, [it["image"]], [it["question"]], pixels=spec.budget_pixels(b))
+                    ["input_ids"] == spec.image_token_id).sum()) for it in items if it["budget"] == b]
+        assert per_image == own
+        counts.append(per_image)
+    assert max(counts[0]) < min(counts[1])
+    assert [len(g["targets"]) for g in groups] == [1, 2]
+    assert s2.PostSFTObjective.loss_terms(groups) == sum(len(g_t) for g in groups for g_t in g["targets"])
+    with torch.no_grad():
+        alone = [objective(collate([it for it in items if it["budget"] == b])) for b in (4, 16)]
+        both = objective(groups)
+    n = [sum(map(len, g["targets"])) for g in groups]
+    torch.testing.assert_close(both, (alone[0] * n[0] + alone[1] * n[1]) / sum(n), atol=1e-6, rtol=1e-6)
+    # the crop is encoded at the group's budget too: roi_threshold < 0 crops the whole image, so the RoI sequence
+    # holds as many crop tokens as global ones
+    rec = {}
+    orig = s2._left_pad
+
+    def left_pad(seqs, dev):
+        rec.setdefault("n", []).append([int((ids == spec.image_token_id).sum()) for ids, _, _ in seqs])
+        return orig(seqs, dev)
+
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setattr(s2, "_left_pad", left_pad)
+        objective(groups)
+    assert rec["n"] == [[2 * n for n in c] for c in counts]
+
+
+def test_stage2_dataset_budget_draws(tiny):
+    t = tiny("qwen2_5_vl")
+    rows = [{**t.records(1)[0].model_dump(), "target": TARGET}] * 300
+    plain = s2.Stage2Dataset(rows, 0.8, (0.1, 0.6), seed=3)
+    ds = s2.Stage2Dataset(rows, 0.8, (0.1, 0.6), seed=3, budgets=[64, 128, 256])
+    draws = [ds.get(i, 0) for i in range(len(rows))]
+    assert [d["noise"] for d in draws] == [plain.get(i, 0)["noise"] for i in range(len(rows))]  # same noise
+    assert all(plain.get(i, 0)["budget"] is None for i in range(5))
+    chosen = [d["budget"] for d in draws]
+    assert chosen == [ds.get(i, 0)["budget"] for i in range(len(rows))]  # fixed per (seed, epoch, i): resumable
+    assert chosen != [ds.get(i, 1)["budget"] for i in range(len(rows))]
+    assert {b: chosen.count(b) > 70 for b in (64, 128, 256)} == {64: True, 128: True, 256: True}
+
+
+def test_frozen_layers_train_only_the_layers_above_and_keep_a_tied_head():
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    embed = nn.Embedding(10, 4)
+    layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(4))
+    head = nn.Linear(4, 10, bias=False)
+    model = nn.ModuleDict({"embed": embed, "layers": layers, "head": head})
+    spec = SimpleNamespace(layers=layers, lm_head=head, embed_tokens=embed)
+
+    def trainable():
+        return {n for n, p in model.named_parameters() if p.requires_grad}
+
+    s2._trainable_llm(model, spec, 2)
+    assert trainable() == {f"layers.{i}.{w}" for i in (2, 3) for w in ("weight", "bias")} | {"head.weight"}
+    head.weight = embed.weight  # tied: the head is the input embedding matrix, which feeds the frozen layers
+    s2._trainable_llm(model, spec, 2)
+    assert trainable() == {f"layers.{i}.{w}" for i in (2, 3) for w in ("weight", "bias")}
+    s2._trainable_llm(model, spec, 0)  # nothing frozen: the tied head trains (as before the option existed)
+    assert "embed.weight" in trainable() and "layers.0.weight" in trainable()
+    with pytest.raises(s2.QZoomError, match="freezes all 4 decoder layers"):
+        s2._trainable_llm(model, spec, 4)
+
+
+def test_stage2_frozen_layers_keep_the_twig_input(tiny, tmp_path):
+    """frozen_layers=K: the first K layers and the embeddings are bit-identical after training, so the layer-K
+    states (what the twig and the gate read) are too; the layers above K trained."""
+    t = tiny("qwen2_5_vl")
+    cfg = _stage2_cfg(t, tmp_path, "stage2.train.max_steps=3", f"stage2.frozen_layers={K}", "stage2.budgets=[4, 16]")
+    assert s2.train_stage2(cfg)["finished"]
+    base, processor, base_spec = t.load()
+    trained, _, spec = load_backbone(str(tmp_path / "out" / "model"))
+    for i, (lb, lt) in enumerate(zip(base_spec.layers, spec.layers)):
+        same = all(torch.equal(p, q) for p, q in zip(lb.parameters(), lt.parameters()))
+        assert same == (i < K), f"layer {i}: {'unchanged' if same else 'changed'}"
+    assert torch.equal(base_spec.embed_tokens.weight, spec.embed_tokens.weight)
+    recs = t.records(2)
+    inputs = spec.chat_inputs(processor, [load_image(r) for r in recs], _questions(recs))
+    with torch.no_grad():
+        h_base = base(**inputs, output_hidden_states=True).hidden_states[K]
+        h_trained = trained(**inputs, output_hidden_states=True).hidden_states[K]
+    assert torch.equal(h_base, h_trained)
+    with pytest.raises(Exception, match="frozen_layers"):
+        s2.train_stage2(_stage2_cfg(t, tmp_path / "lora", f"stage2.frozen_layers={K}",
+                                    "stage2.lora={r: 4, alpha: 8, dropout: 0.0}"))
+
+
 # --------------------------------------------------------------------------------------------- box noise
 def test_stage2_dataset_box_noise_draws(tiny):
     t = tiny("qwen2_5_vl")

@@ -44,6 +44,52 @@ def _done(path: Path) -> bool:
     return (path / "training_complete.json").is_file()
 
 
+class StepLog:
+    """`RUN/<name>.json`: each finished step's seconds and result; a step already there is skipped (resume)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.log = json.loads(self.path.read_text()) if self.path.is_file() else {"steps": {}}
+
+    def step(self, name: str, fn, done: bool = False) -> None:
+        if done or name in self.log["steps"]:
+            print(f"== {name}: done", flush=True)
+            return
+        print(f"== {name}", flush=True)
+        t0 = time.perf_counter()
+        result = fn()
+        self.log["steps"][name] = {"seconds": round(time.perf_counter() - t0, 1), **(result or {})}
+        self.write()
+
+    def write(self) -> None:
+        self.path.write_text(json.dumps(self.log, indent=1) + "\n")
+
+
+def validation_samples(n_val: int) -> list:
+    """The validation questions both thresholds are chosen on: detail and global in turn (never test)."""
+    return [make_sample(VAL_SEED + i, "detail" if i % 2 == 0 else "global") for i in range(n_val)]
+
+
+def choose_thresholds(default: Path, log: StepLog, n_val: int) -> None:
+    """`roi_threshold` and then `gate_threshold` of a default folder, on validation; written into the folder."""
+    from .shipped import load_default, write_zoom_fields
+    from .threshold import main as threshold_main
+
+    def roi():
+        zoom, spec, processor = load_default(default)
+        _to_device(zoom)
+        chosen = choose_roi_threshold(zoom, spec, processor, [s for s in validation_samples(n_val)
+                                                               if s.family == "detail"])
+        write_zoom_fields(default, roi_threshold=chosen["roi_threshold"])
+        return chosen
+
+    log.step("roi_threshold", roi)
+    log.step("gate_threshold", lambda: threshold_main(["--model", str(default), "--n", str(n_val), "--write"]) and None)
+    saved = json.loads((default / "adapter_config.json").read_text())["zoom"]
+    log.log["chosen"] = {"roi_threshold": saved["roi_threshold"], "gate_threshold": saved["gate_threshold"]}
+    log.write()
+
+
 @torch.no_grad()
 def choose_roi_threshold(zoom, spec, processor, samples, budgets=ROI_BUDGETS, candidates=ROI_CANDIDATES,
                          batch_size: int = 16) -> dict:
@@ -76,10 +122,13 @@ def assemble(model_dir: Path, adapters: Path, out: Path, run: Path) -> Path:
     for module in (zoom.twig, zoom.gate):
         module.to(torch.bfloat16)  # ~3 MB instead of ~6 (loading casts them to the model's dtype)
     zoom.save_pretrained(out)
+    if any(p.dtype != torch.bfloat16 for p in model.parameters()):  # a stage-2 model is saved in float32
+        model.to(torch.bfloat16).save_pretrained(out / "model")  # ~12 MB: the shipped files stay under 16 MB
     train = out / "training"
     train.mkdir()
     for src, name in ((run / "recipe.yaml", "recipe.yaml"), (run / "heads.json", "heads.json"),
-                      (run / "stage1" / "train_log.csv", "stage1.csv"), (run / "stage3" / "train_log.csv", "stage3.csv"),
+                      (run / "stage1" / "train_log.csv", "stage1.csv"), (run / "stage2" / "train_log.csv", "stage2.csv"),
+                      (run / "stage3" / "train_log.csv", "stage3.csv"),
                       (run / "stage3" / "gate_pool.json", "gate_pool.json")):
         if src.is_file():
             shutil.copy(src, train / name)
@@ -89,24 +138,11 @@ def assemble(model_dir: Path, adapters: Path, out: Path, run: Path) -> Path:
 def run_chain(model_dir, out, n: int = 256, n_gate: int = 300, n_val: int = 96, grid: int = 16,
               layers: str = "1,2,3,4,5,6,7", top: int = 4) -> dict:
     from .recipe import write_setup
-    from .shipped import load_default, write_zoom_fields
-    from .threshold import main as threshold_main
 
     model_dir, run = Path(model_dir).resolve(), Path(out)
     run.mkdir(parents=True, exist_ok=True)
-    log_path = run / "chain.json"
-    log = json.loads(log_path.read_text()) if log_path.is_file() else {"steps": {}}
-
-    def step(name: str, fn, done: bool = False):
-        if done or name in log["steps"]:
-            print(f"== {name}: done", flush=True)
-            return
-        print(f"== {name}", flush=True)
-        t0 = time.perf_counter()
-        result = fn()
-        log["steps"][name] = {"seconds": round(time.perf_counter() - t0, 1), **(result or {})}
-        log_path.write_text(json.dumps(log, indent=1) + "\n")
-
+    steps = StepLog(run / "chain.json")
+    step = steps.step
     cfg = str(run / "recipe.yaml")
     step("setup", lambda: {"recipe": str(write_setup(run, model_dir, n, grid, n_gate, "natural") / "recipe.yaml")})
 
@@ -126,22 +162,9 @@ def run_chain(model_dir, out, n: int = 256, n_gate: int = 300, n_val: int = 96, 
     step("train_stage3", lambda: _cli("train", "stage3", "--config", cfg), _done(run / "stage3"))
     default = run / "default"
     step("assemble", lambda: {"folder": str(assemble(model_dir, run / "stage3", default, run))})
-    val = [make_sample(VAL_SEED + i, "detail" if i % 2 == 0 else "global") for i in range(n_val)]
-
-    def roi():
-        zoom, spec, processor = load_default(default)
-        _to_device(zoom)
-        chosen = choose_roi_threshold(zoom, spec, processor, [s for s in val if s.family == "detail"])
-        write_zoom_fields(default, roi_threshold=chosen["roi_threshold"])
-        return chosen
-
-    step("roi_threshold", roi)
-    step("gate_threshold", lambda: threshold_main(["--model", str(default), "--n", str(n_val), "--write"]) and None)
-    saved = json.loads((default / "adapter_config.json").read_text())["zoom"]
-    log["chosen"] = {"roi_threshold": saved["roi_threshold"], "gate_threshold": saved["gate_threshold"]}
-    log_path.write_text(json.dumps(log, indent=1) + "\n")
-    shutil.copy(log_path, default / "training" / "chain.json")
-    return log
+    choose_thresholds(default, steps, n_val)
+    shutil.copy(steps.path, default / "training" / "chain.json")
+    return steps.log
 
 
 def _to_device(zoom) -> None:

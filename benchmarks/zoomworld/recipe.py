@@ -34,6 +34,14 @@ def _record(out: Path, s, box: bool = False, mode: str = "textual") -> dict:
     return {**row, "box": list(s.box)} if box else row
 
 
+def write_records(out: Path, name: str, start: int, families: tuple, count: int, box: bool = False,
+                  mode: str = "textual") -> None:
+    """`out/name`: `count` questions at seeds start + i, the families in turn; images under `out/images/`."""
+    (Path(out) / "images").mkdir(parents=True, exist_ok=True)
+    write_jsonl(Path(out) / name, [_record(Path(out), make_sample(start + i, families[i % len(families)]), box=box,
+                                           mode=mode) for i in range(count)])
+
+
 STAGE3_BUDGETS = [64, 128, 256, 576, 1024]  # every Q-Zoom budget (64-256) is drawn, so the gate sees each one
 
 
@@ -48,10 +56,9 @@ def write_setup(out, model_dir, n: int = 128, grid: int = 16, n_gate: int | None
     if mode not in ("natural", "textual"):
         raise ValueError(f"mode must be 'natural' or 'textual', got {mode!r}")
     out = Path(out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+
     def records(name: str, start: int, families: tuple, count: int, box: bool = False, mode="textual") -> None:
-        write_jsonl(out / name, [_record(out, make_sample(start + i, families[i % len(families)]), box=box,
-                                         mode=mode) for i in range(count)])
+        write_records(out, name, start, families, count, box, mode)
 
     # stage 1: detail questions with their boxes; stage 2 and stage 3: detail and global questions on other scenes
     records("records.jsonl", RECIPE_SEED, ("detail",), n, box=True, mode=mode)
