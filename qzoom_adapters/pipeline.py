@@ -32,7 +32,7 @@ from .positions import RoiBatch, RoiSequence, roi_batch
 from .roi import Crop, check_box, check_grid_aspect, check_source_image, crop_from_box, crop_from_heatmap, twig_region
 from .spec import get_spec
 from .timing import stage
-from .trunk import Prefill, Trunk
+from .trunk import Prefill, Trunk, inputs_on
 from .twig import TwigRPN
 from .vision_attention import selected_vision_attention, vision_attention_key
 
@@ -211,7 +211,8 @@ class QZoom:
     def generate_from_inputs(self, inputs, images: list, max_new_tokens: int = 32, return_trace: bool = False,
                              force_zoom: list[bool] | None = None, boxes: list | None = None):
         """Gated greedy answers for processed, left-padded `inputs`; `images` are the source images
-        (PIL images or paths, as for `generate`), the full-resolution originals `inputs` were made from.
+        (PIL images or paths, as for `generate`), the full-resolution originals `inputs` were made from. Their
+        tensors may be anywhere (e.g. the processor's CPU output): the call uses copies on the model's input device.
 
         Args:
             force_zoom: per-sample decisions that replace the gate's (the gate still runs and reports its
@@ -232,6 +233,7 @@ class QZoom:
             raise QZoomError("empty batch: inputs hold no samples")
         images = source_images(images)
         boxes = self._check_boxes(boxes, images, inputs["input_ids"].shape[0])
+        inputs = inputs_on(inputs, self.spec.embed_tokens.weight.device)  # CPU processor output, a GPU model
         with self._lock:
             return self._generate(inputs, images, max_new_tokens, return_trace, force_zoom, boxes)
 

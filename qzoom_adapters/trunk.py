@@ -17,6 +17,11 @@ from .spec import VisualFeatures
 from .timing import stage
 
 
+def inputs_on(inputs, device) -> dict:
+    """The processor's `inputs` with every tensor on `device` (a new dict; the caller's is left as it is)."""
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+
+
 @dataclass
 class Prefill:
     """Pass A of a left-padded batch: its inputs, the input of layer K (`hK`), that layer's kwargs, the cache."""

@@ -111,3 +111,16 @@ def test_branch_copies_do_not_take_over_trunk_hooks(qwen25):
         assert not twig.layers[0]._forward_hooks and layer._forward_hooks  # the trunk keeps its hook
     finally:
         handle.remove()
+
+
+def test_inputs_are_used_on_the_model_device_and_the_callers_stay_put():
+    """`generate_from_inputs` (and so `generate`, whose processor output is on the CPU) works on copies of the
+    inputs on the model's input device: a GPU model is given CPU processor output by `generate` itself."""
+    from qzoom_adapters.trunk import inputs_on
+
+    inputs = {"input_ids": torch.ones(1, 3, dtype=torch.long), "pixel_values": torch.zeros(4, 2), "note": "x"}
+    moved = inputs_on(inputs, torch.device("meta"))
+    assert moved is not inputs and moved["note"] == "x"
+    assert all(v.device.type == "meta" for v in moved.values() if isinstance(v, torch.Tensor))
+    assert all(v.device.type == "cpu" for v in inputs.values() if isinstance(v, torch.Tensor))
+    assert moved["pixel_values"].dtype == torch.float32 and moved["input_ids"].dtype == torch.long
