@@ -10,7 +10,13 @@ next to the checkpoint's size. Held once, the peak after reading is about the ch
 plus the twig and gate, whose tensors the checkpoint holds too); holding a second copy (`--control`) adds as much
 again.
 
+`--device cuda` (or cuda:N) loads onto that GPU instead, through the loader's device-map path (`device=` becomes
+`device_map={"": "cuda:N"}`), and also reports the GPU's peak allocated memory (`torch.cuda.max_memory_allocated`,
+counted from the CUDA context being up) next to the checkpoint's size: about 1x held once; the host's peak RSS is
+then what the load passed through host memory on the way (0 for none, 1x for all of it at once).
+
     python -m qzoom_adapters.benchmarks.checkpoint_memory --out ckpt_memory.json [--layers 28] [--dir DIR]
+        [--device cuda]
 
 `--layers` (decoder layers, default 28 = the full 7B) and `--vocab` shrink the shape to what a machine's memory
 and disk allow; the report gives the per-layer cost so the full shape can be extrapolated.
@@ -55,6 +61,12 @@ class MemoryReport:
     peak_rss_after_reading: int  # VmHWM after also reading every weight once (mmap-backed pages become resident)
     peak_over_checkpoint: float  # (after reading - baseline) / checkpoint bytes: ~1 held once, ~2 held twice
     control_peak_over_checkpoint: float | None  # the same with a second copy of every tensor held (held twice)
+    device: str  # where the weights were loaded: "cpu" or "cuda:N"
+    gpu: str | None  # the CUDA device's name
+    cuda_peak_during_load: int | None  # torch.cuda.max_memory_allocated over the load, past what was allocated before
+    cuda_peak_after_reading: int | None  # the same after also reading every weight once
+    cuda_peak_over_checkpoint: float | None  # cuda_peak_after_reading / checkpoint bytes: ~1 held once on the GPU
+    control_cuda_peak_over_checkpoint: float | None  # the same with a second copy of every tensor on the GPU
     load_seconds: float
     torch: str
     transformers: str
@@ -156,56 +168,82 @@ import torch, transformers
 import qzoom_adapters as qz
 from qzoom_adapters.spec import registered_families
 registered_families()  # the backbone modules imported before the baseline
+device = sys.argv[3]
+cuda = device != "cpu"
+if cuda:  # the CUDA context (and its host memory) is up before the baselines
+    torch.zeros(1, device=device)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    cuda_base = torch.cuda.memory_allocated(device)
+
+def cuda_peak():
+    if not cuda:
+        return None
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - cuda_base
+
 Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
 baseline = status("VmRSS")
 t0 = time.perf_counter()
-zoom = qz.QZoom.from_reference_checkpoint(sys.argv[1], torch_dtype="auto")
+zoom = qz.QZoom.from_reference_checkpoint(sys.argv[1], torch_dtype="auto", **({"device": device} if cuda else {}))
+cuda_load = cuda_peak()
 seconds = time.perf_counter() - t0
 peak_load = status("VmHWM")
 with torch.no_grad():  # read every weight once: mmap-backed weights become resident (what inference does)
     for module in (zoom.model, zoom.twig, zoom.gate):
         for t in list(module.parameters()) + list(module.buffers()):
             t.sum()
-if sys.argv[2] == "control":  # a second, materialised copy of every tensor: what "held twice" measures
+if sys.argv[2] == "control":  # a second, materialised copy of every tensor where the model is: "held twice"
     from safetensors.torch import load_file
-    held = [{k: v.clone() for k, v in load_file(str(f)).items()} for f in sorted(Path(sys.argv[1]).glob("*.safetensors"))]
+    held = [{k: v.clone() for k, v in load_file(str(f), device=device).items()}
+            for f in sorted(Path(sys.argv[1]).glob("*.safetensors"))]
 assert next(zoom.model.parameters()).dtype == torch.bfloat16
+places = {str(p.device) for m in (zoom.model, zoom.twig, zoom.gate) for p in m.parameters()}
+assert places == {device}, f"weights on {sorted(places)}, not all on {device}"
 print(json.dumps({"baseline_rss": baseline, "peak_rss_during_load": peak_load,
                   "peak_rss_after_reading": status("VmHWM"), "load_seconds": seconds,
+                  "cuda_peak_during_load": cuda_load, "cuda_peak_after_reading": cuda_peak(),
+                  "gpu": torch.cuda.get_device_name(device) if cuda else None,
                   "torch": torch.__version__, "transformers": transformers.__version__}))
 """
 
 
-def measure(path, control: bool = False) -> dict:
-    """Load the checkpoint at `path` in a fresh process; its baseline and peak RSS (bytes) and load time.
-    `control`: also hold a materialised copy of every tensor after the load, to show what holding the weights
-    twice measures (a loader keeping its own state dict beside the model's)."""
-    done = subprocess.run([sys.executable, "-c", _CHILD, str(path), "control" if control else "load"],
+def measure(path, control: bool = False, device: str = "cpu") -> dict:
+    """Load the checkpoint at `path` in a fresh process onto `device` ("cpu" or "cuda:N"); its baseline and peak
+    RSS (bytes), on CUDA the GPU's peak allocated bytes, and the load time. `control`: also hold a materialised copy
+    of every tensor (on `device`) after the load, to show what holding the weights twice measures (a loader keeping
+    its own state dict beside the model's)."""
+    done = subprocess.run([sys.executable, "-c", _CHILD, str(path), "control" if control else "load", device],
                           capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"loading {path} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run(shape: CheckpointShape, folder=None, control: bool = False) -> MemoryReport:
-    """Write the checkpoint (in `folder`, else a temporary one that is removed), measure (and the control, when
-    asked), report."""
+def run(shape: CheckpointShape, folder=None, control: bool = False, device: str = "cpu") -> MemoryReport:
+    """Write the checkpoint (in `folder`, else a temporary one that is removed), measure on `device` ("cpu" or
+    "cuda:N", as `resolve_device` checked it), and the control when asked; report."""
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         facts = write_checkpoint(Path(tmp) / "ckpt", shape)
-        got = measure(Path(tmp) / "ckpt")
-        twice = measure(Path(tmp) / "ckpt", control=True) if control else None
+        got = measure(Path(tmp) / "ckpt", device=device)
+        twice = measure(Path(tmp) / "ckpt", control=True, device=device) if control else None
+    size = facts["checkpoint_bytes"]
 
     def ratio_of(m):
-        return (m["peak_rss_after_reading"] - m["baseline_rss"]) / facts["checkpoint_bytes"]
+        return (m["peak_rss_after_reading"] - m["baseline_rss"]) / size
 
-    ratio = ratio_of(got)
-    return MemoryReport(shape=asdict(shape), checkpoint_bytes=facts["checkpoint_bytes"],
-                        adapter_bytes=facts["adapter_bytes"], parameters=facts["parameters"],
-                        baseline_rss=got["baseline_rss"], peak_rss_during_load=got["peak_rss_during_load"],
-                        peak_rss_after_reading=got["peak_rss_after_reading"],
-                        peak_over_checkpoint=ratio,
-                        control_peak_over_checkpoint=None if twice is None else ratio_of(twice), load_seconds=got["load_seconds"], torch=got["torch"],
-                        transformers=got["transformers"])
+    def cuda_ratio(m):
+        return None if m is None or m["cuda_peak_after_reading"] is None else m["cuda_peak_after_reading"] / size
+
+    return MemoryReport(shape=asdict(shape), checkpoint_bytes=size, adapter_bytes=facts["adapter_bytes"],
+                        parameters=facts["parameters"], baseline_rss=got["baseline_rss"],
+                        peak_rss_during_load=got["peak_rss_during_load"],
+                        peak_rss_after_reading=got["peak_rss_after_reading"], peak_over_checkpoint=ratio_of(got),
+                        control_peak_over_checkpoint=None if twice is None else ratio_of(twice), device=device,
+                        gpu=got["gpu"], cuda_peak_during_load=got["cuda_peak_during_load"],
+                        cuda_peak_after_reading=got["cuda_peak_after_reading"],
+                        cuda_peak_over_checkpoint=cuda_ratio(got), control_cuda_peak_over_checkpoint=cuda_ratio(twice),
+                        load_seconds=got["load_seconds"], torch=got["torch"], transformers=got["transformers"])
 
 
 def main(argv=None) -> int:
@@ -218,11 +256,20 @@ def main(argv=None) -> int:
     p.add_argument("--T", type=int, default=3, help="twig / gate depth (3)")
     p.add_argument("--control", action="store_true", help="also measure a load that holds a second copy of every tensor")
     p.add_argument("--dir", help="where the temporary checkpoint is written (default: the system's temp folder)")
+    p.add_argument("--device", default="cpu", help="load onto cpu (default) or a GPU (cuda, cuda:N): the GPU's peak "
+                                                   "allocated memory is reported too")
     p.add_argument("--out", help="write the report as JSON here")
     args = p.parse_args(argv)
+    from qzoom_adapters.devices import device_name
+    from qzoom_adapters.errors import QZoomError
+
+    try:  # before the (slow) checkpoint is written
+        device = device_name(args.device)
+    except QZoomError as err:
+        p.error(str(err))
     shape = CheckpointShape(layers=args.layers, vocab=args.vocab, vision_depth=args.vision_depth,
                             intermediate=args.intermediate, K=args.K, T=args.T)
-    report = run(shape, args.dir, args.control)
+    report = run(shape, args.dir, args.control, device)
     text = json.dumps(asdict(report), indent=1)
     if args.out:
         Path(args.out).write_text(text + "\n")

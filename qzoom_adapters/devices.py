@@ -64,9 +64,9 @@ def loading_dtype(torch_dtype="auto", dtype=None, label: str = "torch_dtype="):
     return value
 
 
-def _one_device(value, label: str) -> str:
-    """A checked device as `from_pretrained` takes it in a device map: "cpu" or "cuda:N" (a bare "cuda" gets the
-    current CUDA device's index, so the map names one device)."""
+def device_name(value, label: str = "--device ") -> str:
+    """A device checked by `resolve_device`, named as `from_pretrained` takes it in a device map: "cpu" or
+    "cuda:N" (a bare "cuda" gets the current CUDA device's index, so the name is one device)."""
     device = resolve_device(value, label)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -79,13 +79,13 @@ def _map_value(value, key: str):
     if isinstance(value, int) and not isinstance(value, bool):
         if value < 0:
             raise QZoomError(f"{label}{value} is not a CUDA device index (0, 1, ...)")
-        _one_device(f"cuda:{value}", label)
+        device_name(f"cuda:{value}", label)
         return value
     if isinstance(value, str) and value.strip().lower() == "disk":
         return "disk"
     if not isinstance(value, (str, torch.device)) or str(value).strip().lower() == "auto":
         raise QZoomError(f"{label}{value!r} is not a device (cpu, cuda, cuda:N, a CUDA index or disk)")
-    return _one_device(value, label)
+    return device_name(value, label)
 
 
 def placement(device=None, device_map=None):
@@ -106,7 +106,7 @@ def placement(device=None, device_map=None):
         if not isinstance(device, (str, torch.device)):
             raise QZoomError(f"device={device!r} is not a torch device (cpu, cuda, cuda:N) or a device map "
                              f"({', '.join(DEVICE_MAP_NAMES)} or a dict)")
-        where = _one_device(device, "device=")
+        where = device_name(device, "device=")
         return None if where == "cpu" else {"": where}
     if isinstance(device_map, dict):
         if not device_map:
@@ -116,4 +116,4 @@ def placement(device=None, device_map=None):
         return device_map.strip().lower()
     if not isinstance(device_map, (str, torch.device)):
         raise QZoomError(f"device_map={device_map!r} is not {', '.join(DEVICE_MAP_NAMES)}, a device or a dict")
-    return {"": _one_device(device_map, "device_map=")}  # resolve_device's error lists cpu, cuda, cuda:N and auto
+    return {"": device_name(device_map, "device_map=")}  # resolve_device's error lists cpu, cuda, cuda:N and auto

@@ -53,18 +53,62 @@ def test_released_layout_loads_in_its_own_dtype_with_the_adapter_tensors(checkpo
 
 
 def test_placement_and_dtype_arguments():
+    from qzoom_adapters.devices import loading_dtype, placement
     from qzoom_adapters.errors import QZoomError
-    from qzoom_adapters.io import _dtype_arg, _placement
     from qzoom_adapters.recipes.infer_command import _device_dtype
 
-    assert _placement(None, None) is None and _placement("cpu", None) is None
-    assert _placement("cuda:1", None) == {"": "cuda:1"} and _placement(torch.device("cuda", 0), None) == {"": "cuda:0"}
-    assert _placement("auto", None) == "auto" and _placement(None, {"": 0}) == {"": 0}  # device maps pass through
+    assert placement(None, None) is None and placement("cpu", None) is None
+    assert placement(None, "auto") == "auto" and placement("auto", None) == "auto"  # device maps pass through
+    assert placement(None, "cpu") == {"": "cpu"} and placement(None, {"visual": "cpu", "model": "disk"}) == {
+        "visual": "cpu", "model": "disk"}
     with pytest.raises(QZoomError, match="either device= or device_map="):
-        _placement("cpu", "auto")
-    with pytest.raises(QZoomError, match="'tpu' is not a torch device"):
-        _placement("tpu", None)
-    assert _dtype_arg("auto") == "auto" and _dtype_arg(None) == "auto" and _dtype_arg("bfloat16") is torch.bfloat16
-    with pytest.raises(QZoomError, match="torch_dtype 'int8' is not"):
-        _dtype_arg("int8")
+        placement("cpu", "auto")
+    with pytest.raises(QZoomError, match="device='tpu' is not cpu, cuda, cuda:N or auto"):
+        placement("tpu", None)
+    if torch.cuda.is_available():
+        assert placement("cuda", None) == {"": f"cuda:{torch.cuda.current_device()}"}
+        assert placement(torch.device("cuda", 0), None) == {"": "cuda:0"} and placement(None, {"": 0}) == {"": 0}
+    else:
+        with pytest.raises(QZoomError, match="device=cuda:1: no CUDA device is available here; use device=cpu"):
+            placement("cuda:1", None)
+    assert loading_dtype("auto") == loading_dtype(None) == "auto" and loading_dtype("bfloat16") is torch.bfloat16
+    assert loading_dtype("auto", dtype="torch.float16") is torch.float16
+    assert loading_dtype(torch.float32) is torch.float32
+    with pytest.raises(QZoomError, match="torch_dtype='int8' is not"):
+        loading_dtype("int8")
     assert _device_dtype("cpu", "checkpoint") == (torch.device("cpu"), "auto")  # qzoom infer --dtype checkpoint
+
+
+def test_the_command_runs_on_the_cpu_and_refuses_a_missing_gpu_in_one_line(tmp_path, capsys):
+    from qzoom_adapters.benchmarks.checkpoint_memory import main
+
+    small = ["--layers", "2", "--vocab", "1000", "--vision-depth", "1", "--intermediate", "512", "--K", "1", "--T", "1",
+             "--dir", str(tmp_path)]
+    assert main([*small, "--device", "cpu", "--out", str(tmp_path / "report.json")]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["device"] == "cpu" and report["gpu"] is None and report["cuda_peak_over_checkpoint"] is None
+    assert report["peak_rss_after_reading"] >= report["peak_rss_during_load"] > report["baseline_rss"] > 0
+    assert list(tmp_path.iterdir()) == [tmp_path / "report.json"]  # the temporary checkpoint is gone
+    capsys.readouterr()
+    for device, match in (("tpu", "--device 'tpu' is not cpu, cuda, cuda:N or auto"),
+                          *([] if torch.cuda.is_available() else
+                            [("cuda", "--device cuda: no CUDA device is available here; use --device cpu")])):
+        with pytest.raises(SystemExit) as done:
+            main([*small, "--device", device])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert done.value.code == 2 and err[-1].endswith(f"error: {match}"), err
+        assert list(tmp_path.iterdir()) == [tmp_path / "report.json"]  # refused before any checkpoint was written
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_the_gpu_the_checkpoint_is_held_once_there(checkpoint):
+    path, facts = checkpoint
+    once = measure(path, device="cuda:0")
+    twice = measure(path, control=True, device="cuda:0")
+    ratio = once["cuda_peak_after_reading"] / facts["checkpoint_bytes"]
+    control = twice["cuda_peak_after_reading"] / facts["checkpoint_bytes"]
+    assert once["cuda_peak_during_load"] <= once["cuda_peak_after_reading"]
+    assert 0.95 < ratio < 1.25, f"GPU peak over the checkpoint's bytes: {ratio:.2f}"
+    assert control > ratio + 0.7, f"the control (held twice) measured {control:.2f} against {ratio:.2f}"
+    host = (once["peak_rss_after_reading"] - once["baseline_rss"]) / facts["checkpoint_bytes"]
+    assert host < 1.25, f"the load passed {host:.2f}x the checkpoint through host memory"

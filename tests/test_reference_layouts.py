@@ -148,3 +148,30 @@ def test_qzoom_infer_reference_dtype_checkpoint_answers_as_the_python_api(bf16_r
                "--gate-threshold", "0", "--device", "cpu", "--dtype", "checkpoint"])
     out = capsys.readouterr().out
     assert rc == 0 and f"zoomed=True box={expected.bbox}" in out and out.rstrip("\n").endswith(expected.text)
+
+
+@pytest.fixture
+def no_tf32():
+    """fp32 on the GPU as on the CPU (TF32 would round the vision tower's convolution and the matmuls)."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@torch.no_grad()
+def test_on_a_gpu_every_weight_lands_there_and_answers_match_the_cpu(bf16_release, qwen25, no_tf32):
+    path = bf16_release[0]
+    cpu = qz.QZoom.from_reference_checkpoint(path, qwen25.processor, dtype="float32", gate_threshold=0.0)
+    ref = cpu.generate(qwen25.images[:2], qwen25.questions[:2], max_new_tokens=3, return_trace=True)
+    for kwargs in ({"device": "cuda"}, {"device_map": "cuda:0"}, {"device_map": {"": 0}}, {"device_map": "auto"}):
+        gpu = qz.QZoom.from_reference_checkpoint(path, qwen25.processor, dtype="float32", gate_threshold=0.0,
+                                                 **kwargs)
+        assert {str(p.device) for m in (gpu.model, gpu.twig, gpu.gate) for p in m.parameters()} == {"cuda:0"}, kwargs
+        outs = gpu.generate(qwen25.images[:2], qwen25.questions[:2], max_new_tokens=3, return_trace=True)
+        for a, b in zip(outs, ref):
+            assert (a.zoomed, a.bbox) == (b.zoomed, b.bbox), kwargs
+            torch.testing.assert_close(a.trace["first_logits"].cpu(), b.trace["first_logits"], rtol=1e-3, atol=1e-3)
+    own = qz.QZoom.from_reference_checkpoint(path, qwen25.processor, device="cuda:0")
+    assert _dtypes(own) == {torch.bfloat16}

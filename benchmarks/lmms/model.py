@@ -6,7 +6,9 @@ copied into lmms-eval and no environment variable is needed:
     lmms-eval --model qzoom --model_args pretrained=MODEL,adapters=ADAPTERS,gate_threshold=0.05,max_pixels=451584 \\
         --tasks textvqa_val --batch_size 8
 
-A "simple" lmms-eval model (`doc_to_visual` + `doc_to_text`): one image and one question per document. Every
+A "simple" lmms-eval model (`doc_to_visual` + `doc_to_text`): one image and one question per request, or per round
+of a multi-round task (`generate_until_multi_round`, whose task's `doc_to_text` gives each next round); a request
+with another visual (none, several, a video) stops the run with one line (`RequestError`). Every
 request batch goes through `QZoom.generate_from_inputs`, which decides gate and zoom per sample; decoding is greedy
 (a task asking for sampling gets greedy answers and one warning). Per sample it records whether it zoomed, the gate
 probability, the visual tokens and the latency (`QZoomLMM.stats`), which `qzoom eval` reports next to the
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from lmms_eval.api.instance import Instance
@@ -40,6 +42,7 @@ class SampleStat:
     visual_tokens: int
     latency_s: float  # the batch's wall clock (preprocessing, vision, both passes, decoding) / its size
     bbox: tuple | None
+    round_idx: int = 0  # the round of a multi-round task (0: its first, and every single-round answer)
 
 
 def _device(name: str | None) -> torch.device:
@@ -79,7 +82,7 @@ def load_zoom(args: QZoomModelArgs, device: torch.device):
         processor = AutoProcessor.from_pretrained(args.processor or args.pretrained, **bounds)
         if args.adapters == REFERENCE:
             zoom = qz.QZoom.from_reference_checkpoint(args.pretrained, processor, torch_dtype=dtype, device=device,
-                                                      **args.zoom_overrides())
+                                                      **extra, **args.zoom_overrides())
         else:
             placement = {} if device.type == "cpu" else {"device_map": {"": str(device)}}
             model = load_model(args.pretrained, dtype=dtype, **placement, **extra)
@@ -107,6 +110,51 @@ def _until(text: str, stops) -> str:
         if stop and stop in text:
             text = text[: text.index(stop)]
     return text
+
+
+class RequestError(ModelArgsError):
+    """A request Q-Zoom cannot answer (not one still image per question): one line, `qzoom: <problem>`, through
+    lmms-eval's command line, which prints the traceback of any `Exception` a model raises."""
+
+
+def _one_image(visuals, task: str, doc_id, round_idx: int | None = None):
+    """The one still image of a request (a PIL image or an image file's path, as RGB PIL), else `RequestError`."""
+    from qzoom_adapters.errors import QZoomError
+    from qzoom_adapters.images import source_image
+
+    where = f"{task} document {doc_id}" + ("" if round_idx is None else f" round {round_idx}")
+    items = [v for v in (visuals if isinstance(visuals, (list, tuple)) else [visuals]) if v is not None]
+    if len(items) != 1:
+        raise RequestError(f"{where} has {len(items)} visuals; Q-Zoom answers one image per question")
+    try:
+        return source_image(items[0])
+    except QZoomError as err:  # a video's path, an array, ...
+        raise RequestError(f"{where}: {err}; Q-Zoom answers one still image per question") from None
+
+
+def _question(context) -> str:
+    return str(context or "").replace("<image>", "").strip()
+
+
+def _round_reply(turn, task: str, doc_id, round_idx: int) -> tuple:
+    """What a task's multi-round `doc_to_text` returned: (visuals, context, terminal, round results, info)."""
+    if not isinstance(turn, (tuple, list)) or len(turn) != 5:
+        raise RequestError(f"{task} document {doc_id} round {round_idx}: doc_to_text returned "
+                           f"{type(turn).__name__}, not (visuals, context, terminal, round results, info) as "
+                           "lmms-eval's multi-round protocol has it")
+    visuals, context, terminal, outputs, info = turn
+    return visuals, context, bool(terminal), outputs, info
+
+
+@dataclass
+class _Rounds:
+    """One multi-round document between rounds: the next round's (image, question), answers so far, the task's
+    round info."""
+
+    doc: dict
+    sample: tuple
+    outputs: list = field(default_factory=list)
+    info: object = None
 
 
 class QZoomLMM(lmms):
@@ -154,15 +202,7 @@ class QZoomLMM(lmms):
 
     def _sample(self, context: str, doc_to_visual, doc_id: int, task: str, split: str):
         """(source image, question) of one request."""
-        from qzoom_adapters.errors import QZoomError
-
-        visuals = doc_to_visual(self._doc(task, split, doc_id))
-        visuals = [v for v in (visuals if isinstance(visuals, (list, tuple)) else [visuals]) if v is not None]
-        if len(visuals) != 1:
-            raise QZoomError(f"{task} document {doc_id} has {len(visuals)} visuals; Q-Zoom answers one image per "
-                             "question")
-        question = context.replace("<image>", "").strip()
-        return visuals[0], question
+        return _one_image(doc_to_visual(self._doc(task, split, doc_id)), task, doc_id), _question(context)
 
     def _max_new_tokens(self, gen_kwargs: dict) -> int:
         sampling = gen_kwargs.get("do_sample") is True or (gen_kwargs.get("num_beams") or 1) > 1
@@ -172,42 +212,50 @@ class QZoomLMM(lmms):
         return int(gen_kwargs.get("max_new_tokens") or self.args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
+        results: list[str | None] = [None] * len(requests)
+        with tqdm(total=len(requests), disable=self.rank != 0, desc="qzoom answering") as bar:  # closed on errors too
+            for chunk in self._chunks(requests):
+                samples = [self._sample(r.args[0], r.args[2], r.args[3], r.args[4], r.args[5])
+                           for r in (requests[i] for i in chunk)]
+                first = requests[chunk[0]].args[1]
+                texts = self._answer([requests[i] for i in chunk], samples, dict(first))
+                for i, text in zip(chunk, texts):
+                    results[i] = text
+                    self.cache_hook.add_partial("generate_until", (requests[i].args[0], first), text)
+                bar.update(len(chunk))
+        return results
+
+    def _chunks(self, requests: list[Instance]):
+        """Runs of consecutive requests with the same generation kwargs, at most `batch_size` long (indices)."""
+        start = 0
+        while start < len(requests):
+            chunk = [start]
+            while (len(chunk) < self.batch_size and start + len(chunk) < len(requests)
+                   and requests[start + len(chunk)].args[1] == requests[start].args[1]):
+                chunk.append(start + len(chunk))
+            start += len(chunk)
+            yield chunk
+
+    def _answer(self, reqs: list[Instance], samples: list[tuple], gen_kwargs: dict, round_idx: int = 0) -> list[str]:
+        """One batched `generate_from_inputs` call: each sample's answer cut at the task's stop strings, and its
+        `SampleStat` recorded under its request's task and document."""
         from qzoom_adapters.recipes.models import batch_to
 
-        results: list[str | None] = [None] * len(requests)
         spec, zoom = self.zoom.spec, self.zoom
-        bar = tqdm(total=len(requests), disable=self.rank != 0, desc="qzoom answering")
-        order = list(range(len(requests)))
-        start = 0
-        while start < len(order):
-            first = requests[order[start]].args[1]
-            chunk = [order[start]]
-            while (len(chunk) < self.batch_size and start + len(chunk) < len(order)
-                   and requests[order[start + len(chunk)]].args[1] == first):
-                chunk.append(order[start + len(chunk)])
-            start += len(chunk)
-            samples = [self._sample(r.args[0], r.args[2], r.args[3], r.args[4], r.args[5])
-                       for r in (requests[i] for i in chunk)]
-            gen_kwargs = dict(first)
-            max_new = self._max_new_tokens(gen_kwargs)
-            images, questions = [s[0] for s in samples], [s[1] for s in samples]
-            self._sync()
-            t0 = time.perf_counter()
-            inputs = batch_to(spec.chat_inputs(zoom.processor, images, questions, pixels=self.view_pixels),
-                              self.device)
-            outs = zoom.generate_from_inputs(inputs, images, max_new_tokens=max_new)
-            self._sync()
-            seconds = (time.perf_counter() - t0) / len(chunk)
-            for i, out in zip(chunk, outs):
-                req = requests[i]
-                text = _until(out.text or "", gen_kwargs.get("until"))
-                results[i] = text
-                self.stats.append(SampleStat(req.args[4], int(req.args[3]), out.zoomed, out.gate_prob,
-                                             out.visual_tokens, seconds, out.bbox))
-                self.cache_hook.add_partial("generate_until", (req.args[0], first), text)
-            bar.update(len(chunk))
-        bar.close()
-        return results
+        max_new = self._max_new_tokens(gen_kwargs)
+        images, questions = [s[0] for s in samples], [s[1] for s in samples]
+        self._sync()
+        t0 = time.perf_counter()
+        inputs = batch_to(spec.chat_inputs(zoom.processor, images, questions, pixels=self.view_pixels), self.device)
+        outs = zoom.generate_from_inputs(inputs, images, max_new_tokens=max_new)
+        self._sync()
+        seconds = (time.perf_counter() - t0) / len(samples)
+        texts = []
+        for req, out in zip(reqs, outs):
+            texts.append(_until(out.text or "", gen_kwargs.get("until")))
+            self.stats.append(SampleStat(req.args[-2], int(req.args[-3]), out.zoomed, out.gate_prob,
+                                         out.visual_tokens, seconds, out.bbox, round_idx))
+        return texts
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         """(log p(continuation), is greedy) along the path that would answer each request (see the module doc)."""
@@ -223,9 +271,48 @@ class QZoomLMM(lmms):
             out.append((score.logprob, score.is_greedy))
         return out
 
-    def generate_until_multi_round(self, requests) -> list[str]:
-        raise NotImplementedError("qzoom answers one question per image in one round; multi-round tasks are not "
-                                  "supported")
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[list]:
+        """Multi-round tasks, as lmms-eval's own simple models run them: round 0 answers the request's context on
+        `doc_to_visual(doc)`; after each round the task's `doc_to_text(doc, previous_output=[answers so far],
+        round_idx=r, previous_round_info=...)` returns (visuals, context, terminal, round results, info) for round r,
+        and a document stops when it says terminal. Every round is one Q-Zoom answer on one still image (else one
+        clear line naming the task, document and round); the documents of a batch answer each round together.
+        Returns each request's round results, as the task's last `doc_to_text` call returned them."""
+        results: list[list | None] = [None] * len(requests)
+        with tqdm(total=len(requests), disable=self.rank != 0, desc="qzoom answering (multi-round)") as bar:
+            for chunk in self._chunks(requests):
+                self._rounds(requests, chunk, results, bar)
+        return results
+
+    def _rounds(self, requests: list[Instance], chunk: list[int], results: list, bar) -> None:
+        """Every round of the documents `chunk`, each round of them in one batch, into `results`."""
+        first = requests[chunk[0]].args[1]
+        live: dict[int, _Rounds] = {}
+        for i in chunk:
+            context, _, doc_to_visual, _, doc_id, task, split = requests[i].args
+            doc = self._doc(task, split, doc_id)
+            live[i] = _Rounds(doc, (_one_image(doc_to_visual(doc), task, doc_id), _question(context)))
+        round_idx = 0
+        while live:
+            rows = sorted(live)
+            texts = self._answer([requests[i] for i in rows], [live[i].sample for i in rows], dict(first), round_idx)
+            round_idx += 1
+            for i, text in zip(rows, texts):
+                state, (doc_to_text, doc_id, task) = live[i], requests[i].args[3:6]
+                state.outputs.append(text)
+                turn = doc_to_text(state.doc, previous_output=list(state.outputs), round_idx=round_idx,
+                                   previous_round_info=state.info)
+                visuals, context, terminal, outputs, state.info = _round_reply(turn, task, doc_id, round_idx)
+                if outputs is not None:
+                    state.outputs = list(outputs)
+                if terminal:
+                    results[i] = state.outputs
+                    del live[i]
+                    self.cache_hook.add_partial("generate_until_multi_round", (requests[i].args[0], first),
+                                                state.outputs)
+                    bar.update(1)
+                else:
+                    state.sample = (_one_image(visuals, task, doc_id, round_idx), _question(context))
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
