@@ -7,8 +7,8 @@ in `<think>…</think>` and often `<answer>…</answer>` tags. Give them a gener
 `max_new_tokens` and read the answer with `final_answer`. Q-Zoom decodes greedily; the
 sampling settings such checkpoints ship in `generation_config.json` are not used.
 
-Tool-loop models (several model calls with crops fed back) are a different family and are not
-covered here.
+Tool-loop models (several model calls with crops fed back: DeepEyes, Chain-of-Focus, Mini-o3) run
+through `tool_loop.ToolLoop` with a grammar from `tool_grammars`.
 """
 from __future__ import annotations
 
