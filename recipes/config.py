@@ -146,6 +146,10 @@ class Stage2Section(_Section):
     # with frozen_layers >= K the layer-K states the twig and the gate read do not change, so the stage-1/3 adapters
     # stay valid without a stage-2.5 relabel
     frozen_layers: int = Field(0, ge=0)
+    # the share of samples (drawn per epoch, fixed by seed, epoch and index) trained as plain [global | question |
+    # answer] sequences, no RoI: the answers the gate leaves to the plain pass are rehearsed too, so post-SFT on
+    # RoI sequences does not unlearn them (0: RoI sequences only, as SPEC §4.3)
+    plain_replay: float = Field(0.0, ge=0.0, le=1.0)
     train: TrainSection = Field(default_factory=lambda: TrainSection(lr=1e-6))
 
     @field_validator("budgets")

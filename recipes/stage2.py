@@ -80,13 +80,13 @@ def mine(cfg: RecipeConfig, show_progress: bool = True) -> dict:
 
 # --- post-SFT --------------------------------------------------------------------------------
 class Stage2Dataset(torch.utils.data.Dataset):
-    """Regression records; per (epoch, index) a fixed draw decides box noise and, with `budgets`, the sample's
-    visual-token budget (resumable)."""
+    """Regression records; per (epoch, index) a fixed draw decides box noise, with `budgets` the sample's
+    visual-token budget, and with `plain_replay` whether it is trained as a plain sequence (resumable)."""
 
     def __init__(self, rows: list[dict], box_noise: float, sides: tuple[float, float], seed: int,
-                 budgets: list[int] | None = None):
+                 budgets: list[int] | None = None, plain_replay: float = 0.0):
         self.rows, self.box_noise, self.sides, self.seed = rows, box_noise, sides, seed
-        self.budgets = budgets
+        self.budgets, self.plain_replay = budgets, plain_replay
 
     def __len__(self):
         return len(self.rows)
@@ -99,8 +99,9 @@ class Stage2Dataset(torch.utils.data.Dataset):
             fw, fh = rng.uniform(*self.sides), rng.uniform(*self.sides)
             noise = (rng.uniform(0, 1 - fw), rng.uniform(0, 1 - fh), fw, fh)
         budget = rng.choice(self.budgets) if self.budgets else None  # drawn after the noise: same noise as without
+        plain = self.plain_replay > 0 and rng.random() < self.plain_replay  # drawn last, only when asked for
         return {"image": load_image(SampleRecord(**row)), "question": row["question"], "target": row["target"],
-                "noise": noise, "budget": budget}
+                "noise": None if plain else noise, "budget": budget, "plain": plain}
 
 
 def random_crop(image, noise, grid_hw, min_side: int) -> Crop:
@@ -137,7 +138,8 @@ class Stage2Collate:
         tok = self.processor.tokenizer
         targets = [tok(it["target"], add_special_tokens=False)["input_ids"] + [self.eos_id] for it in items]
         return {"inputs": inputs, "images": [it["image"] for it in items], "targets": targets,
-                "noise": [it["noise"] for it in items], "pixels": pixels}
+                "noise": [it["noise"] for it in items], "plain": [bool(it.get("plain")) for it in items],
+                "pixels": pixels}
 
 
 def _groups(batch) -> list[dict]:
@@ -149,9 +151,10 @@ def _split(x: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
 
 
 def interleave(global_feats: VisualFeatures, g_counts, roi_feats: VisualFeatures, r_counts) -> VisualFeatures:
-    """Features in sequence order [global_0, roi_0, global_1, roi_1, ...] (embeddings and deepstack)."""
+    """Features in sequence order [global_0, roi_0, global_1, roi_1, ...] (embeddings and deepstack); a sample
+    whose RoI count is 0 (a plain sequence) has its global features only."""
     def mix(g, r):
-        parts = [t for pair in zip(_split(g, g_counts), _split(r, r_counts)) for t in pair]
+        parts = [t for pair in zip(_split(g, g_counts), _split(r, r_counts)) for t in pair if t.shape[0]]
         return torch.cat(parts)
 
     deep = tuple(mix(g, r) for g, r in zip(global_feats.deepstack, roi_feats.deepstack))
@@ -184,7 +187,9 @@ class PostSFTObjective(nn.Module):
         first_maps = a.image_logits(first, spec.image_token_id, spec)
         crops = []
         for j, image in enumerate(batch["images"]):
-            if batch["noise"][j] is not None:
+            if batch.get("plain", [False] * len(batch["images"]))[j]:
+                crops.append(None)  # a plain sequence: no RoI
+            elif batch["noise"][j] is not None:
                 crops.append(random_crop(image, batch["noise"][j], tuple(maps[j].shape), self.zoom_cfg.min_crop_px))
             else:
                 crops.append(crop_from_heatmap(spec, maps[j], first_maps[j], image, self.image_processor,
@@ -204,35 +209,41 @@ class PostSFTObjective(nn.Module):
         dev = self.spec.embed_tokens.weight.device
         inputs = batch_to(batch["inputs"], dev)
         a, crops = self._crops(inputs, batch)
-        keep = [j for j, c in enumerate(crops) if c is not None]  # samples without a crop give no loss
+        plain = batch.get("plain", [False] * len(crops))
+        roi = [j for j, c in enumerate(crops) if c is not None]
+        keep = [j for j in range(len(crops)) if crops[j] is not None or plain[j]]  # others (no crop) give no loss
         if not keep:
             return spec.lm_head.weight.sum() * 0.0
-        px = batch.get("pixels")
-        lo, hi = (px, px) if px is not None else (self.zoom_cfg.crop_min_pixels, self.zoom_cfg.crop_max_pixels)
-        enc = spec.process_crops(self.image_processor, [crops[j].image for j in keep], lo, hi)
-        enc = batch_to(enc, dev)
-        with torch.no_grad():
-            roi_feats = spec.encode_images(enc["pixel_values"], enc["image_grid_thw"])
         g_counts = [int((a.ids[j] == spec.image_token_id).sum()) for j in range(a.ids.shape[0])]
-        r_counts = [h * w for h, w in map(spec.token_grid, enc["image_grid_thw"])]
+        r_counts = {j: 0 for j in keep}
+        if roi:
+            px = batch.get("pixels")
+            lo, hi = (px, px) if px is not None else (self.zoom_cfg.crop_min_pixels, self.zoom_cfg.crop_max_pixels)
+            enc = batch_to(spec.process_crops(self.image_processor, [crops[j].image for j in roi], lo, hi), dev)
+            with torch.no_grad():
+                roi_feats = spec.encode_images(enc["pixel_values"], enc["image_grid_thw"])
+            grids = dict(zip(roi, map(spec.token_grid, enc["image_grid_thw"])))
+            r_counts.update({j: h * w for j, (h, w) in grids.items()})
+        else:
+            roi_feats = VisualFeatures(a.feats.embeds[:0], tuple(d[:0] for d in a.feats.deepstack))
         seqs = []
-        for n, j in enumerate(keep):
+        for j in keep:
             valid = a.mask[j].bool()
-            ids, pos, _ = roi_sequence(spec, a.ids[j][valid], a.pos[:, j][:, valid],
-                                       spec.token_grid(enc["image_grid_thw"][n]), crops[j].box_tok,
-                                       self.zoom_cfg.position_mode)
+            ids, pos = a.ids[j][valid], a.pos[:, j][:, valid]  # a plain sequence: the prompt as the model has it
+            if crops[j] is not None:
+                ids, pos, _ = roi_sequence(spec, ids, pos, grids[j], crops[j].box_tok, self.zoom_cfg.position_mode)
             target = torch.tensor(batch["targets"][j], dtype=ids.dtype, device=ids.device)
             tpos = pos[:, -1:] + torch.arange(1, len(target) + 1, dtype=pos.dtype)[None]
             seqs.append((torch.cat([ids, target]), torch.cat([pos, tpos], dim=1), len(target)))
         ids, mask, pos, labels = _left_pad(seqs, dev)
         if self.zoom_cfg.position_mode == "sequential":
             pos = pos.round().long()
-        def kept(x):  # the rows of the samples that got a crop
+        def kept(x):  # the rows of the samples in the loss (a crop, or a plain sequence)
             parts = _split(x, g_counts)
             return torch.cat([parts[j] for j in keep])
 
         g_feats = VisualFeatures(kept(a.feats.embeds), tuple(kept(d) for d in a.feats.deepstack))
-        feats = interleave(g_feats, [g_counts[j] for j in keep], roi_feats, r_counts)
+        feats = interleave(g_feats, [g_counts[j] for j in keep], roi_feats, [r_counts[j] for j in keep])
         embeds = self.trunk.embed(ids, feats.embeds)
         out = spec.text_model(inputs_embeds=embeds, attention_mask=mask, position_ids=self.trunk.model_positions(pos),
                               use_cache=False, **spec.decoder_inputs(ids == spec.image_token_id, feats))
@@ -312,7 +323,8 @@ def train_stage2(cfg: RecipeConfig, stop_after: int | None = None) -> dict:
     rows = read_rows(sec.data)
     if not rows:
         raise QZoomError(f"{sec.data} holds no training rows (did mining find no regressions?)")
-    dataset = Stage2Dataset(rows, sec.box_noise, tuple(sec.box_noise_sides), sec.train.seed, sec.budgets)
+    dataset = Stage2Dataset(rows, sec.box_noise, tuple(sec.box_noise_sides), sec.train.seed, sec.budgets,
+                            sec.plain_replay)
     objective = PostSFTObjective(trained, spec, twig.to(model.device), processor.image_processor, zoom_cfg)
     eos = model.generation_config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos

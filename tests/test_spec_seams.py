@@ -24,6 +24,7 @@ SUBPACKAGES = ("backbones", "recipes", "benchmarks")  # repository folders insta
 FAMILY_SPECIFIC = {
     ("benchmarks/speed.py", "factor"),  # the speed benchmark builds Qwen-VL models only (its _spec_class)
     ("benchmarks/speed.py", "TINY_IDS"),
+    ("benchmarks/tool_loop_latency.py", "factor"),  # builds Qwen-VL models only, through the speed benchmark's
 }
 
 

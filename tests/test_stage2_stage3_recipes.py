@@ -102,8 +102,9 @@ def _objective(model, processor, spec, twig, roi_threshold: float):
     return s2.PostSFTObjective(model, spec, twig, processor.image_processor, cfg)
 
 
-def _batch(spec, processor, model, images, questions, targets, noise=None):
-    items = [{"image": im, "question": q, "target": tg, "noise": None if noise is None else noise[i]}
+def _batch(spec, processor, model, images, questions, targets, noise=None, plain=None):
+    items = [{"image": im, "question": q, "target": tg, "noise": None if noise is None else noise[i],
+              "plain": False if plain is None else plain[i]}
              for i, (im, q, tg) in enumerate(zip(images, questions, targets))]
     return s2.Stage2Collate(spec, processor, _eos(model))(items)
 
@@ -234,6 +235,37 @@ def test_samples_without_crop_give_no_loss(tiny):
     assert zero.item() == 0.0 and zero.requires_grad
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen3_vl"])
+@torch.no_grad()
+def test_plain_replay_is_the_models_own_loss_on_prompt_and_answer(tiny, family):
+    """A plain-replay sample's loss is the HF model's own cross-entropy on [prompt | answer] (its forward with
+    labels); in a batch with RoI samples, the loss is the answer-token-weighted mean of the two kinds."""
+    t = tiny(family)
+    model, processor, spec = t.load()
+    twig, _, _ = load_adapters(t.adapters, model)
+    objective = _objective(model, processor, spec, twig, 0.0)
+    recs = t.records(2)
+    images, qs = [load_image(r) for r in recs], _questions(recs)
+    targets = ["ab", "cdef"]
+    ours = objective(_batch(spec, processor, model, images[:1], qs[:1], targets[:1], plain=[True]))
+    inputs = spec.chat_inputs(processor, images[:1], qs[:1])
+    answer = processor.tokenizer(targets[0], add_special_tokens=False)["input_ids"] + [_eos(model)]
+    ids = torch.cat([inputs["input_ids"], torch.tensor([answer])], dim=1)
+    labels = torch.full_like(ids, -100)
+    labels[0, -len(answer):] = torch.tensor(answer)
+    per_token = {k: torch.cat([v, v.new_zeros(1, len(answer))], dim=1) for k, v in inputs.items()
+                 if torch.is_tensor(v) and v.shape == inputs["input_ids"].shape}  # e.g. mm_token_type_ids: text
+    full = {**inputs, **per_token, "input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    reference = model(**full).loss
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    roi = objective(_batch(spec, processor, model, images[1:], qs[1:], targets[1:], plain=[False]))
+    assert not torch.isclose(roi, objective(_batch(spec, processor, model, images[1:], qs[1:], targets[1:],
+                                                   plain=[True])))  # the RoI sequence is another sequence
+    mixed = objective(_batch(spec, processor, model, images, qs, targets, plain=[True, False]))
+    n = [len(answer), len(processor.tokenizer(targets[1], add_special_tokens=False)["input_ids"]) + 1]
+    torch.testing.assert_close(mixed, (ours * n[0] + roi * n[1]) / sum(n), atol=1e-5, rtol=1e-5)
+
+
 def test_budget_groups_encode_at_their_budget_and_weigh_by_answer_tokens(tiny):
     """Items of two budgets: one group per budget, each encoded (global view and crop) at that budget; the
     micro-batch's loss is the answer-token-weighted mean of the groups' losses, each equal to the group alone."""
@@ -291,6 +323,12 @@ def test_stage2_dataset_budget_draws(tiny):
     assert chosen == [ds.get(i, 0)["budget"] for i in range(len(rows))]  # fixed per (seed, epoch, i): resumable
     assert chosen != [ds.get(i, 1)["budget"] for i in range(len(rows))]
     assert {b: chosen.count(b) > 70 for b in (64, 128, 256)} == {64: True, 128: True, 256: True}
+    replay = s2.Stage2Dataset(rows, 0.8, (0.1, 0.6), seed=3, budgets=[64, 128, 256], plain_replay=0.3)
+    again = [replay.get(i, 0) for i in range(len(rows))]
+    assert [d["budget"] for d in again] == chosen  # drawn last: the other draws stay as they were
+    assert [d["noise"] for d in again] == [None if d["plain"] else e["noise"] for d, e in zip(again, draws)]
+    assert 60 < sum(d["plain"] for d in again) < 120 and not any(d["plain"] for d in draws)
+    assert [d["plain"] for d in again] == [replay.get(i, 0)["plain"] for i in range(len(rows))]  # resumable
 
 
 def test_frozen_layers_train_only_the_layers_above_and_keep_a_tied_head():

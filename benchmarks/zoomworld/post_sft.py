@@ -36,7 +36,7 @@ POOL_SEED = RECIPE_SEED + 300_000  # disjoint from the chain's records, pool and
 
 
 def write_setup(run: Path, default: Path, n_pool: int, n_gate: int, budgets: list[int], epochs: int, lr: float,
-                batch_size: int) -> Path:
+                batch_size: int, plain_replay: float = 0.0) -> Path:
     """Records and `recipe.yaml` (stage 2 on `default`) under `run`; `recipe_post.yaml` gates the post-SFT model."""
     saved = json.loads((default / "adapter_config.json").read_text())["zoom"]
     write_records(run, "pool.jsonl", POOL_SEED, ("detail", "detail", "global"), n_pool)
@@ -53,7 +53,7 @@ def write_setup(run: Path, default: Path, n_pool: int, n_gate: int, budgets: lis
         # guessing; frozen_layers = K keeps the twig's and the gate's inputs exactly as they were
         "stage2": {"data": "mine/regressions.jsonl", "adapters": str(default.resolve()), "out": "stage2",
                    "roi_threshold": saved["roi_threshold"], "box_noise": 0.1, "budgets": budgets,
-                   "frozen_layers": K, "train": train},
+                   "frozen_layers": K, "plain_replay": plain_replay, "train": train},
     }
     (run / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     post = {
@@ -91,14 +91,14 @@ def compare(folders: dict, n_val: int, budgets: list[int], batch_size: int = 16)
 
 
 def run(default, out, n_pool: int = 1200, n_gate: int = 240, n_val: int = 96, budgets=(64, 128, 256),
-        epochs: int = 3, lr: float = 1e-4, batch_size: int = 16) -> dict:
+        epochs: int = 3, lr: float = 1e-4, batch_size: int = 16, plain_replay: float = 0.5) -> dict:
     default, run_dir = Path(default).resolve(), Path(out)
     run_dir.mkdir(parents=True, exist_ok=True)
     log = StepLog(run_dir / "post_sft.json")
     step = log.step
     cfg, post = str(run_dir / "recipe.yaml"), str(run_dir / "recipe_post.yaml")
     step("setup", lambda: {"recipe": str(write_setup(run_dir, default, n_pool, n_gate, list(budgets), epochs, lr,
-                                                     batch_size) / "recipe.yaml")})
+                                                     batch_size, plain_replay) / "recipe.yaml")})
     step("mine", lambda: _cli("mine", "--config", cfg))
     step("train_stage2", lambda: _cli("train", "stage2", "--config", cfg), _done(run_dir / "stage2"))
     step("labels_stage3", lambda: _cli("labels", "stage3", "--config", post))
@@ -125,12 +125,15 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--plain-replay", type=float, default=0.5,  # 0 unlearned the count questions (validation, 0.84 -> 0.16)
+                   help="share of stage-2 samples trained as plain sequences (no RoI), so the answers the gate leaves "
+                        "to the plain pass are not unlearned (0: RoI sequences only)")
     args = p.parse_args(argv)
     if not (Path(args.default) / "adapter_config.json").is_file():
         raise SystemExit(f"--default {args.default}: no adapter_config.json there (a ZoomWorld default folder is needed)")
     budgets = [int(b) for b in args.budgets.split(",")]
     log = run(args.default, args.out, args.n_pool, args.n_gate, args.n_val, budgets, args.epochs, args.lr,
-              args.batch_size)
+              args.batch_size, args.plain_replay)
     print(json.dumps({"chosen": log["chosen"], "compare": log["steps"]["compare"]}, indent=1))
     return 0
 
