@@ -13,7 +13,7 @@ from torch import nn
 
 from qzoom_adapters import compat
 from qzoom_adapters.errors import QZoomError
-from qzoom_adapters.spec import VisualFeatures
+from qzoom_adapters.spec import ImageSpan, VisualFeatures
 
 
 def take_rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -54,6 +54,7 @@ class VisionLanguageSpec(ABC):
     rope_axes: ClassVar[int] = 3
     default_position_mode: ClassVar[str] = "aligned"
     default_K: ClassVar[dict[str, int]] = {}
+    multi_image: ClassVar[bool] = True  # False: one image per sample (`validate_inputs` refuses more)
 
     def __init__(self, model: nn.Module):
         self.model = model
@@ -133,13 +134,14 @@ class VisionLanguageSpec(ABC):
         """(rope_axes, B, S) positions of left-padded inputs, as the model's own generate uses them."""
 
     def validate_inputs(self, inputs: dict) -> None:
-        """One still image per sample, with as many image tokens as its grid says."""
+        """Still images, at least one per sample (one where `multi_image` is False), each with as many image tokens
+        as its grid says."""
         ids = inputs["input_ids"]
         if ids.dim() != 2 or ids.shape[0] == 0:
             raise QZoomError(f"input_ids must be a non-empty (batch, seq) tensor, got shape {tuple(ids.shape)}")
         video = self.video_token_id
         if inputs.get("pixel_values_videos") is not None:
-            raise QZoomError("video input is not supported by Q-Zoom; pass one still image per sample")
+            raise QZoomError("video input is not supported by Q-Zoom; pass still images")
         if video is not None and (ids == video).any():
             raise QZoomError(f"input_ids hold this model's video token (id {video}) but no video was given: the "
                              "inputs were probably made by another model's processor; use this model's processor")
@@ -147,27 +149,49 @@ class VisionLanguageSpec(ABC):
             raise QZoomError("inputs need `pixel_values` (the processor's output)")
         runs = image_runs(ids, self.image_token_id)
         if (runs == 0).any():
-            raise QZoomError("every sample needs exactly one image, but some sample has no image tokens")
-        if (runs > 1).any():
-            raise QZoomError(f"more than one image per sample is not supported yet (images per sample: {runs.tolist()})")
+            empty = (runs == 0).nonzero()[:, 0].tolist()
+            raise QZoomError(f"every sample needs an image, but sample(s) {empty} have no image tokens")
+        if not self.multi_image and (runs > 1).any():
+            raise QZoomError(f"the {self.family} spec takes one image per sample (images per sample: {runs.tolist()})")
         grid = self.image_grids(inputs)
-        if grid.shape[0] != ids.shape[0]:
-            raise QZoomError(f"got {grid.shape[0]} images for {ids.shape[0]} samples (more than one image per sample?)")
         if grid.dim() != 2 or grid.shape[1] != 3:
             raise QZoomError(f"image grids must be (images, 3) rows of (t, h, w), got shape {tuple(grid.shape)}")
         if (grid[:, 0] != 1).any():
             raise QZoomError(f"image grid t values {grid[:, 0].tolist()}: a still image has t=1 (t > 1 is a video "
-                             "clip); pass one still image per sample")
-        per_sample = (ids == self.image_token_id).sum(dim=1).tolist()
-        expected = [h * w for h, w in map(self.token_grid, grid)]
-        if per_sample != expected:
-            raise QZoomError(f"image tokens per sample {per_sample} do not match the image grids ({expected} tokens)")
+                             "clip); pass still images")
+        self.image_spans(ids, grid)
+
+    def image_spans(self, input_ids: torch.Tensor, grids: torch.Tensor) -> list[list[ImageSpan]]:
+        """Per sample, its images in order: grid rows are taken in order, each image being the next `h_t * w_t`
+        image tokens of its sample, which must be one contiguous run."""
+        sizes = [h * w for h, w in map(self.token_grid, grids.cpu())]
+        is_image = (input_ids == self.image_token_id).cpu()  # one copy to the host, not one per sample
+        per_sample = is_image.sum(dim=1).tolist()
+        mismatch = QZoomError(f"image tokens per sample {per_sample} do not match the image grids ({sizes} tokens "
+                              f"for {len(sizes)} images)")
+        cols = [row.nonzero()[:, 0].tolist() for row in is_image]
+        spans, row = [], 0
+        for sample in cols:
+            mine, used = [], 0
+            while used < len(sample):
+                if row >= len(sizes):
+                    raise mismatch
+                n = sizes[row]
+                run = sample[used : used + n]
+                if len(run) < n or run[-1] - run[0] != n - 1:
+                    raise mismatch
+                mine.append(ImageSpan(row, run[0], run[-1] + 1))
+                used, row = used + n, row + 1
+            spans.append(mine)
+        if row != len(sizes):
+            raise mismatch
+        return spans
 
     def roi_insert_index(self, ids: torch.Tensor) -> int:
-        """Where the RoI block goes in one unpadded sample: right after the global image (SPEC §3.1)."""
+        """Where the RoI block goes in one unpadded sample: right after its last image (SPEC §3.1)."""
         end = self.vision_end_id
         if end is not None:
-            return int((ids == end).nonzero()[0]) + 1
+            return int((ids == end).nonzero()[-1]) + 1
         return int((ids == self.image_token_id).nonzero()[-1]) + 1
 
     def decoder_inputs(self, image_mask: torch.Tensor, features: VisualFeatures) -> dict:

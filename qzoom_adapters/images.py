@@ -11,10 +11,10 @@ grayscale (`I;16`, `I;16L`, `I;16B`, `I;16N`, and `I` holding values up to 65535
 """
 from __future__ import annotations
 
-import threading
-
+import numbers
 import os
 import stat
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -101,15 +101,15 @@ def to_rgb(image: Image.Image, name: str = "image") -> Image.Image:
     return image.convert("RGB")
 
 
-def source_image(image, index: int = 0) -> Image.Image:
+def source_image(image, index: int | str = 0) -> Image.Image:
     """One source image of a batch as RGB PIL: a PIL image or a path; anything else is refused clearly."""
     if isinstance(image, Image.Image):
         return to_rgb(image, f"images[{index}]")
     if isinstance(image, (str, os.PathLike)):
         return load_image(image)
     if isinstance(image, (list, tuple)):
-        raise QZoomError(f"images[{index}] is a {type(image).__name__}: give one source image per sample (more than "
-                         "one image per sample is not supported yet)")
+        raise QZoomError(f"images[{index}] is a {type(image).__name__}: give one source image per sample here "
+                         "(QZoom.generate and generate_from_inputs take a list of images per sample)")
     kind = "None" if image is None else type(image).__name__
     hint = " (PIL.Image.fromarray(arr) converts an HxWx3 uint8 array)" if hasattr(image, "shape") else ""
     raise QZoomError(f"images[{index}] is {kind}; pass a PIL.Image or the path of an image file{hint}")
@@ -120,3 +120,44 @@ def source_images(images) -> list[Image.Image]:
     if isinstance(images, (Image.Image, str, os.PathLike)) or images is None:
         raise QZoomError("images must be a list with one source image per sample, e.g. [image]")
     return [source_image(im, i) for i, im in enumerate(images)]
+
+
+def source_image_groups(images) -> list[list[Image.Image]]:
+    """Per sample, its source images in prompt order: an entry is one image (a PIL image or a path) or a non-empty
+    list/tuple of them (several images per sample)."""
+    if isinstance(images, (Image.Image, str, os.PathLike)) or images is None:
+        raise QZoomError("images must be a list with one source image per sample (or one list of images per sample), "
+                         "e.g. [image] or [[image_a, image_b]]")
+    groups = []
+    for i, entry in enumerate(images):
+        if not isinstance(entry, (list, tuple)):
+            groups.append([source_image(entry, i)])
+        elif not entry:
+            raise QZoomError(f"images[{i}] is an empty {type(entry).__name__}: every sample needs an image")
+        else:
+            groups.append([source_image(im, f"{i}][{k}") for k, im in enumerate(entry)])
+    return groups
+
+
+def roi_image_indices(roi_image, groups: list[list]) -> list[int]:
+    """Per sample, the index (0-based, from the start) of its RoI image among `groups[i]`: `roi_image[i]` (None:
+    the last image; negative: from the end), or the last image of every sample when `roi_image` is None."""
+    if roi_image is None:
+        return [len(g) - 1 for g in groups]
+    if isinstance(roi_image, (str, bytes)) or not hasattr(roi_image, "__len__"):
+        raise QZoomError(f"roi_image must be a list with one entry per sample, None or an image index, got "
+                         f"{roi_image!r}: for one sample pass [index]")
+    if len(roi_image) != len(groups):
+        raise QZoomError(f"roi_image has {len(roi_image)} entries for a batch of {len(groups)}")
+    out = []
+    for i, (k, group) in enumerate(zip(roi_image, groups)):
+        n = len(group)
+        if k is None:
+            k = n - 1
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+            raise QZoomError(f"roi_image[{i}] must be None or an integer image index, got {k!r}")
+        if not -n <= k < n:
+            raise QZoomError(f"roi_image[{i}] = {k}, but sample {i} has {n} image(s) (valid: 0..{n - 1}, or "
+                             f"-{n}..-1 from the end)")
+        out.append(int(k) % n)
+    return out

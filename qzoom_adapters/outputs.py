@@ -20,4 +20,5 @@ class ZoomOutput:
     direct_tokens: list[int] | None = None
     roi_tokens: list[int] | None = None
     direct_text: str | None = None
+    roi_image: int | None = None  # which of the sample's images the heatmap and box refer to (0-based)
     trace: dict | None = field(default=None, repr=False)

@@ -26,9 +26,9 @@ from .crop_preprocess import CropPreprocessor
 from .decode import Decoder, DecodeRows, eos_ids
 from .errors import QZoomError
 from .gate import DynamicGate
-from .images import source_images
+from .images import roi_image_indices, source_image_groups
 from .outputs import ZoomOutput
-from .positions import RoiBatch, RoiSequence, roi_batch
+from .positions import RoiBatch, RoiSequence, roi_batch, roi_place, suffix_features
 from .roi import Crop, check_box, check_grid_aspect, check_source_image, crop_from_box, crop_from_heatmap, twig_region
 from .spec import get_spec
 from .timing import stage
@@ -177,15 +177,19 @@ class QZoom:
         return getattr(self.processor, "tokenizer", self.processor if hasattr(self.processor, "decode") else None)
 
     # --- public entry points ------------------------------------------------------------
-    def generate(self, images: list, questions: list[str], max_new_tokens: int = 32, return_trace: bool = False):
+    def generate(self, images: list, questions: list[str], max_new_tokens: int = 32, return_trace: bool = False,
+                 roi_image: list | None = None):
         """Answer `questions` about `images` (chat template applied by the processor).
 
         Args:
-            images: one source image per sample: a PIL image, or the path of an image file (opened here).
+            images: one entry per sample: a source image (a PIL image, or the path of an image file, opened here),
+                or a list of them for several images in one prompt (in order, all before the question).
                 Arrays and None are refused; 16-bit grayscale is scaled to 8 bits and transparency goes on
                 white (see `qzoom_adapters.images`).
             questions: one string per sample.
             max_new_tokens: a positive integer.
+            roi_image: as for `generate_from_inputs`: which image of each sample the twig looks at and the crop is
+                cut from (default: the last).
 
         Thread safety: calls on the same model are serialized by a per-model lock (hooks and decode buffers
         live on the model), so one `QZoom` may be shared between threads; the calls then run one after the
@@ -194,7 +198,7 @@ class QZoom:
         _check_max_new_tokens(max_new_tokens)
         if self.processor is None:
             raise QZoomError("generate() needs a processor; use generate_from_inputs() with processed inputs")
-        images = source_images(images)
+        images = source_image_groups(images)
         if isinstance(questions, str):
             raise QZoomError("questions must be a list with one string per sample, e.g. [question]")
         questions = list(questions)
@@ -206,13 +210,16 @@ class QZoom:
             raise QZoomError("every question must be a string")
         with self._lock:
             inputs = self.spec.chat_inputs(self.processor, images, questions)
-            return self.generate_from_inputs(inputs, images, max_new_tokens=max_new_tokens, return_trace=return_trace)
+            return self.generate_from_inputs(inputs, images, max_new_tokens=max_new_tokens, return_trace=return_trace,
+                                             roi_image=roi_image)
 
     def generate_from_inputs(self, inputs, images: list, max_new_tokens: int = 32, return_trace: bool = False,
-                             force_zoom: list[bool] | None = None, boxes: list | None = None):
+                             force_zoom: list[bool] | None = None, boxes: list | None = None,
+                             roi_image: list | None = None):
         """Gated greedy answers for processed, left-padded `inputs`; `images` are the source images
-        (PIL images or paths, as for `generate`), the full-resolution originals `inputs` were made from. Their
-        tensors may be anywhere (e.g. the processor's CPU output): the call uses copies on the model's input device.
+        (PIL images or paths, as for `generate`; a list of them for a sample with several images, in prompt order),
+        the full-resolution originals `inputs` were made from. Their tensors may be anywhere (e.g. the processor's
+        CPU output): the call uses copies on the model's input device.
 
         Args:
             force_zoom: per-sample decisions that replace the gate's (the gate still runs and reports its
@@ -222,7 +229,11 @@ class QZoom:
                 zooming that sample unless `force_zoom` says False for it, and needs no twig; ends are rounded
                 outwards to whole pixels and a side under `min_crop_px` grows like a twig box. Where a twig runs,
                 its heatmap is still computed and reported. The box's global-token box (`trace["bbox_tokens"]`,
-                used by aligned positions) is the grid cells it touches.
+                used by aligned positions) is the grid cells it touches. The box is in the pixels of the sample's
+                RoI image (`roi_image`).
+            roi_image: per sample, None or the index (negative: from the end) of the image among the sample's
+                images that the twig looks at, the crop is cut from and the RoI block follows (its positions in that
+                image's frame). Default: the last image (the latest turn, what the question is about).
 
         Serialized per model like `generate`.
         """
@@ -231,33 +242,38 @@ class QZoom:
             raise QZoomError("inputs need `input_ids` (the processor's output for the batch)")
         if inputs["input_ids"].shape[0] == 0:
             raise QZoomError("empty batch: inputs hold no samples")
-        images = source_images(images)
-        boxes = self._check_boxes(boxes, images, inputs["input_ids"].shape[0])
+        images = source_image_groups(images)
+        targets = roi_image_indices(roi_image, images)
+        B = inputs["input_ids"].shape[0]
+        boxes = self._check_boxes(boxes, [group[t] for group, t in zip(images, targets)], B)
         inputs = inputs_on(inputs, self.spec.embed_tokens.weight.device)  # CPU processor output, a GPU model
         with self._lock:
-            return self._generate(inputs, images, max_new_tokens, return_trace, force_zoom, boxes)
+            return self._generate(inputs, images, targets, max_new_tokens, return_trace, force_zoom, boxes)
 
     @torch.no_grad()
-    def _generate(self, inputs, images: list, max_new_tokens: int, return_trace: bool, force_zoom, boxes):
+    def _generate(self, inputs, images: list, targets: list[int], max_new_tokens: int, return_trace: bool,
+                  force_zoom, boxes):
         # the vision attention the config asks for, for this call only (restored on exit, also on errors)
         with selected_vision_attention(self.spec, self.config.vision_attention):
-            return self._gated(inputs, images, max_new_tokens, return_trace, force_zoom, boxes)
+            return self._gated(inputs, images, targets, max_new_tokens, return_trace, force_zoom, boxes)
 
-    def _gated(self, inputs, images: list, max_new_tokens: int, return_trace: bool, force_zoom, boxes):
-        a = self._pass_a(inputs, images)  # pass A: vision + layers 0..K-1
+    def _gated(self, inputs, images: list, targets: list[int], max_new_tokens: int, return_trace: bool, force_zoom,
+               boxes):
+        a = self._pass_a(inputs, images, targets)  # pass A: vision + layers 0..K-1
         B = a.ids.shape[0]
+        sources = [group[t] for group, t in zip(images, targets)]  # the RoI image of each sample
         gate_prob = self._gate(a)  # gate on h^K
         want_zoom = self._zoom_decisions(gate_prob, B, force_zoom, boxes)
-        regions = self._twig_crops(a, images, want_zoom, boxes)  # twig -> heatmap -> box -> crop
+        regions = self._twig_crops(a, sources, targets, want_zoom, boxes)  # twig -> heatmap -> box -> crop
         groups, roi_seqs = {}, {}
         if regions.crops:  # crop -> encode -> RoI sequence and positions -> pass B
-            groups["roi"], roi_seqs = self._roi_pass(a, regions.crops)
+            groups["roi"], roi_seqs = self._roi_pass(a, regions.crops, targets)
         direct_rows = [i for i in range(B) if i not in regions.crops or self.config.emit_direct]
         if direct_rows:  # layers K..L-1 on the same sequence
             groups["direct"] = self._direct_pass(a, direct_rows)
         answers = self._decode(groups, max_new_tokens)  # every row in one loop
         return [self._output(i, a, gate_prob, regions, answers.get("roi", {}), answers.get("direct", {}), roi_seqs,
-                             return_trace) for i in range(B)]
+                             return_trace, targets[i]) for i in range(B)]
 
     @staticmethod
     def _check_boxes(boxes, images, B: int) -> list | None:
@@ -277,21 +293,30 @@ class QZoom:
         return boxes
 
     # --- pass A: vision + layers 0..K-1 --------------------------------------------------
-    def _pass_a(self, inputs, images) -> Prefill:
+    def _pass_a(self, inputs, images, targets: list[int] | None = None) -> Prefill:
+        """Pass A for `images` (per sample a source image or a list of them; `targets`: the RoI image of each,
+        default the last): sizes, counts and grids checked against the inputs."""
+        images = [group if isinstance(group, list) else [group] for group in images]
         if len(images) != inputs["input_ids"].shape[0]:
             raise QZoomError(f"got {len(images)} source images for a batch of {inputs['input_ids'].shape[0]}")
-        for image in images:
-            check_source_image(image, self.config.min_crop_px)
+        for group, t in zip(images, targets or [-1] * len(images)):
+            check_source_image(group[t], self.config.min_crop_px)  # the image a crop is cut from
         a = self.trunk.prefill(inputs, self.K, _compat.new_cache())  # validates the inputs first
-        self._check_grids(a.grid, images)
+        for i, (spans, group) in enumerate(zip(a.spans, images)):
+            if len(spans) != len(group):
+                raise QZoomError(f"sample {i} has {len(spans)} image(s) in the inputs but {len(group)} source "
+                                 "image(s) were given; pass the sample's images as one list, in prompt order")
+        self._check_grids(a, images)
         return a
 
-    def _check_grids(self, grids, images) -> None:
+    def _check_grids(self, a: Prefill, images) -> None:
         """Each image grid must have its source image's aspect ratio (within rounding) where the spec says so."""
         if not getattr(self.spec, "grid_keeps_aspect", False):
             return
-        for i, (row, image) in enumerate(zip(grids, images)):
-            check_grid_aspect(self.spec.token_grid(row), self.spec.source_window(self.image_processor, image.size), i)
+        for i, (spans, group) in enumerate(zip(a.spans, images)):
+            for span, image in zip(spans, group):
+                check_grid_aspect(self.spec.token_grid(a.grid[span.row]),
+                                  self.spec.source_window(self.image_processor, image.size), i)
 
     # --- gate ----------------------------------------------------------------------------
     def _gate(self, a: Prefill) -> torch.Tensor | None:
@@ -319,7 +344,8 @@ class QZoom:
         return [g or z for g, z in zip(given, gated)]
 
     # --- twig -> heatmap -> box -> crop (roi.py) -------------------------------------------------
-    def _twig_crops(self, a: Prefill, images, want_zoom, boxes=None) -> _Regions:
+    def _twig_crops(self, a: Prefill, images, targets: list[int], want_zoom, boxes=None) -> _Regions:
+        """`images`: the RoI image of each sample (image `targets[i]` of sample i)."""
         found = _Regions({}, {}, {})
         rows = [i for i, z in enumerate(want_zoom) if z]
         if not rows:
@@ -332,13 +358,14 @@ class QZoom:
                 first = a.mask[sel].argmax(dim=1)  # first real token (left padding)
                 scores, first_scores = self.twig.query_scores(spec, a.hK[sel], a.rows_kwargs(self.trunk, sel),
                                                               self.trunk, first)
-                maps = a.image_logits(scores, spec.image_token_id, spec, rows, on_host=True)
-                first_maps = a.image_logits(first_scores, spec.image_token_id, spec, rows, on_host=True)
+                which = [targets[i] for i in rows]
+                maps = a.image_logits(scores, spec.image_token_id, spec, rows, on_host=True, targets=which)
+                first_maps = a.image_logits(first_scores, spec.image_token_id, spec, rows, on_host=True, targets=which)
             for j, i in enumerate(rows):
                 if boxes[i] is not None:  # the caller's box replaces the twig's
                     if self.twig is not None:
                         found.heatmaps[i], found.blurred[i] = maps[j], twig_region(spec, maps[j], first_maps[j], cfg)[0]
-                    grid = spec.token_grid(a.grid[i])
+                    grid = spec.token_grid(a.grid[a.spans[i][targets[i]].row])
                     found.crops[i] = crop_from_box(spec, boxes[i], grid, images[i], self.image_processor,
                                                    cfg.min_crop_px, i)
                     continue
@@ -374,9 +401,11 @@ class QZoom:
                 for name, g in groups.items()}
 
     # --- RoI path ------------------------------------------------------------------------------
-    def _roi_pass(self, a: Prefill, crops: dict[int, Crop]) -> tuple[_Group, dict[int, RoiSequence]]:
+    def _roi_pass(self, a: Prefill, crops: dict[int, Crop],
+                  targets: list[int]) -> tuple[_Group, dict[int, RoiSequence]]:
         """Pass B for the zoomed samples, batched with the prefixes kept at their pass-A columns
-        (`positions.roi_batch` lays them out); the group to decode and each row's RoI sequence."""
+        (`positions.roi_batch` lays them out), each RoI block after image `targets[i]` of its sample; the group to
+        decode and each row's RoI sequence."""
         spec = self.spec
         rows = sorted(crops)
         if self.image_processor is None:
@@ -386,16 +415,19 @@ class QZoom:
                                          a.ids.device)
             roi_feats = spec.encode_images(enc["pixel_values"], enc["image_grid_thw"])
         with stage("roi_pass"):
-            return self._roi_layers(a, rows, crops, enc, roi_feats)
+            return self._roi_layers(a, rows, crops, enc, roi_feats, targets)
 
-    def _roi_layers(self, a: Prefill, rows: list[int], crops: dict, enc: dict, roi_feats):
+    def _roi_layers(self, a: Prefill, rows: list[int], crops: dict, enc: dict, roi_feats, targets: list[int]):
         spec = self.spec
+        places = [roi_place(a.spans[i], targets[i]) for i in rows]
         lay: RoiBatch = roi_batch(spec, a.ids, a.mask, a.pos, rows, enc["image_grid_thw"],
-                                  [crops[i].box_tok for i in rows], self.position_mode)
+                                  [crops[i].box_tok for i in rows], self.position_mode, places)
         C, sel = lay.C, torch.tensor(rows, device=a.ids.device)
-        # layers 0..K-1 on the new suffix [C:] only: the prefix rows come from pass A's cache
-        suffix_embeds = self.trunk.embed(lay.ids[:, C:], roi_feats.embeds)
-        extra = spec.decoder_inputs(lay.ids[:, C:] == spec.image_token_id, roi_feats)
+        # layers 0..K-1 on the new suffix [C:] only: the prefix rows come from pass A's cache; the suffix's images
+        # are the crops and the images after each RoI image (their pass-A features)
+        feats = suffix_features(spec, roi_feats, enc["image_grid_thw"], a, rows, targets)
+        suffix_embeds = self.trunk.embed(lay.ids[:, C:], feats.embeds)
+        extra = spec.decoder_inputs(lay.ids[:, C:] == spec.image_token_id, feats)
         cache = a.rows_cache(sel, self.K, upto=C)
         hK_suffix, _ = self.trunk.forward_to(self.K, suffix_embeds, lay.mask, lay.pos[:, :, C:], cache, extra)
         # layers K..L-1 over the whole new sequence, prefix rows from h^K[:, :C]
@@ -406,7 +438,8 @@ class QZoom:
 
     # --- per-sample output ---------------------------------------------------------------------
     def _output(self, i, a: Prefill, gate_prob, regions: _Regions, roi: dict[int, _Answer],
-                direct: dict[int, _Answer], roi_seqs: dict[int, RoiSequence], return_trace) -> ZoomOutput:
+                direct: dict[int, _Answer], roi_seqs: dict[int, RoiSequence], return_trace,
+                roi_image: int) -> ZoomOutput:
         zoomed = i in roi
         d = direct.get(i)
         r = roi.get(i)
@@ -426,6 +459,7 @@ class QZoom:
             direct_tokens=d.tokens if d else None,
             roi_tokens=r.tokens if r else None,
             direct_text=self._detokenize(d.tokens if d else None),
+            roi_image=roi_image,
         )
         if return_trace:
             out.trace = {
@@ -439,6 +473,7 @@ class QZoom:
                 "roi_position_ids": seq.pos.float().cpu() if zoomed else None,
                 "first_logits": answer.first_logits.cpu(),
                 "direct_first_logits": d.first_logits.cpu() if d else None,
+                "roi_image": roi_image,
             }
         return out
 

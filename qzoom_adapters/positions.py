@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import QZoomError
+from .spec import ImageSpan, VisualFeatures
 
 
 def roi_input_ids(ids: torch.Tensor, at: int, n_roi: int, image_token: int,
@@ -61,17 +62,20 @@ def roi_position_ids(pos: torch.Tensor, at: int, s0_index: int, roi_grid: tuple[
     return torch.cat([pos[:, :at], start, tokens, end, pos[:, at:] + shift], dim=1)
 
 
-def roi_sequence(spec, ids: torch.Tensor, pos: torch.Tensor, roi_grid: tuple[int, int], box_tok, mode: str):
+def roi_sequence(spec, ids: torch.Tensor, pos: torch.Tensor, roi_grid: tuple[int, int], box_tok, mode: str,
+                 image: tuple[int, int | None] | None = None):
     """One unpadded sample's RoI sequence: (input ids, float positions (axes, S'), index `at` of the RoI block).
 
-    The block goes right after the global image (`spec.roi_insert_index`), with the image's own
-    start/end markers where the backbone has them.
+    The block goes right after the crop's image (`spec.roi_insert_index` of the ids up to the next image), with the
+    image's own start/end markers where the backbone has them; aligned positions use that image's frame.
+    `image`: (index of its first token, index of the next image's first token or None); None: the first image
+    token and no later image (one image per sample).
     """
-    at = spec.roi_insert_index(ids)
-    s0 = int((ids == spec.image_token_id).nonzero()[0])
+    start, upto = image if image is not None else (int((ids == spec.image_token_id).nonzero()[0]), None)
+    at = spec.roi_insert_index(ids if upto is None else ids[:upto])
     h_r, w_r = roi_grid
     new_ids = roi_input_ids(ids, at, h_r * w_r, spec.image_token_id, spec.vision_start_id, spec.vision_end_id)
-    new_pos = roi_position_ids(pos, at, s0, roi_grid, box_tok, mode, markers=spec.vision_start_id is not None)
+    new_pos = roi_position_ids(pos, at, start, roi_grid, box_tok, mode, markers=spec.vision_start_id is not None)
     return new_ids, new_pos, at
 
 
@@ -101,16 +105,23 @@ class RoiBatch:
 
 
 def roi_batch(spec, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, rows: list[int], grids, box_toks,
-              mode: str) -> RoiBatch:
+              mode: str, images: list | None = None) -> RoiBatch:
     """Pass B's inputs for batch `rows` of pass A (`ids`, `mask` (B, S), `pos` (axes, B, S), left-padded), each
-    with its crop's `grids[j]` (image_grid_thw row) and global-token box `box_toks[j]`."""
+    with its crop's `grids[j]` (image_grid_thw row) and global-token box `box_toks[j]`.
+
+    `images[j]`: where the crop's image is in pass A's row, as (column of its first token, column of the next
+    image's first token or None), padded columns; None: one image per sample."""
     seqs = []
     for j, i in enumerate(rows):
         valid = mask[i].bool()
-        grid = grids[j]
+        pad, grid = int((~valid).sum()), grids[j]
+        image = None
+        if images is not None:
+            start, upto = images[j]
+            image = (start - pad, None if upto is None else upto - pad)
         new_ids, new_pos, at = roi_sequence(spec, ids[i][valid], pos[:, i][:, valid], spec.token_grid(grid),
-                                            box_toks[j], mode)
-        seqs.append(RoiSequence(pad=int((~valid).sum()), P=at, grid=grid, ids=new_ids, pos=new_pos))
+                                            box_toks[j], mode, image)
+        seqs.append(RoiSequence(pad=pad, P=at, grid=grid, ids=new_ids, pos=new_pos))
     C = max(q.pad + q.P for q in seqs)  # every cached prefix ends by column C
     L = max(q.ids.shape[0] - q.P for q in seqs)  # longest suffix [P:]
     n, dev = len(rows), ids.device
@@ -129,3 +140,32 @@ def roi_batch(spec, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, ro
     if mode == "sequential":
         out_pos = out_pos.round().long()  # integral in this mode; keep the backbone's own dtype
     return RoiBatch(seqs, C, out_ids, out_mask, out_pos)
+
+
+def roi_place(spans: list[ImageSpan], target: int) -> tuple[int, int | None]:
+    """Where the RoI image `target` of a sample is, as `roi_batch` takes it: (column of its first token, column of
+    the next image's first token or None)."""
+    return spans[target].start, spans[target + 1].start if target + 1 < len(spans) else None
+
+
+def _feature_rows(spec, grids) -> tuple[list[int], list[int]]:
+    """(first feature row, feature rows) of each image of `grids`: features are the images' tokens, image by image."""
+    sizes = [h * w for h, w in map(spec.token_grid, grids.cpu())]
+    return [sum(sizes[:k]) for k in range(len(sizes))], sizes
+
+
+def suffix_features(spec, roi_feats: VisualFeatures, roi_grids, a, rows: list[int],
+                    targets: list[int]) -> VisualFeatures:
+    """Visual features of pass B's suffix in image-token order: per zoomed row (batch `rows` of pass A `a`) its
+    crop's (the rows of `roi_feats`, crop after crop), then those of its images after the RoI image (from pass A)."""
+    later = [[s.row for s in a.spans[i][targets[i] + 1 :]] for i in rows]
+    if not any(later):
+        return roi_feats  # every RoI image is its sample's last: the suffix holds only the crops
+    (roi_at, roi_n), (at, n) = _feature_rows(spec, roi_grids), _feature_rows(spec, a.grid)
+    dev = roi_feats.embeds.device
+    parts = []
+    for j, rows_after in enumerate(later):
+        parts.append(roi_feats.take(torch.arange(roi_at[j], roi_at[j] + roi_n[j], device=dev)))
+        for r in rows_after:
+            parts.append(a.feats.take(torch.arange(at[r], at[r] + n[r], device=a.feats.embeds.device)))
+    return VisualFeatures.cat(parts)

@@ -39,6 +39,26 @@ class VisualFeatures:
     embeds: torch.Tensor
     deepstack: tuple[torch.Tensor, ...] = ()
 
+    def take(self, index: torch.Tensor) -> "VisualFeatures":
+        """The rows `index` (1-D) of the embeddings and of every deepstack tensor, in that order."""
+        return VisualFeatures(self.embeds[index], tuple(t[index] for t in self.deepstack))
+
+    @staticmethod
+    def cat(parts: "list[VisualFeatures]") -> "VisualFeatures":
+        """The rows of `parts`, one after the other."""
+        return VisualFeatures(torch.cat([p.embeds for p in parts]),
+                              tuple(torch.cat(ts) for ts in zip(*(p.deepstack for p in parts))))
+
+
+@dataclass(frozen=True)
+class ImageSpan:
+    """One image of a sample: its row in the batch's image grids and its tokens `ids[start:end]` in the sample's
+    (padded) row of `input_ids`."""
+
+    row: int
+    start: int
+    end: int
+
 
 @runtime_checkable
 class BackboneSpec(Protocol):
@@ -118,8 +138,8 @@ class BackboneSpec(Protocol):
 
     # --- inputs ----------------------------------------------------------------------
     def validate_inputs(self, inputs: dict) -> None:
-        """Raise `QZoomError` naming the problem unless `inputs` hold one still image per sample, as this family's
-        processor makes them."""
+        """Raise `QZoomError` naming the problem unless `inputs` hold still images (at least one per sample, each
+        with its grid's number of tokens), as this family's processor makes them."""
 
     def image_grids(self, inputs: dict) -> torch.Tensor:
         """(images, 3) rows, one per image, that `token_grid` reads (default: `image_grid_thw`)."""
@@ -139,7 +159,14 @@ class BackboneSpec(Protocol):
         """(rope_axes, B, S) positions of left-padded inputs, the ones the model's own `generate` uses."""
 
     def roi_insert_index(self, ids: torch.Tensor) -> int:
-        """Index in one unpadded sample's (S,) ids where the RoI block is inserted (after the global image)."""
+        """Index in one unpadded sample's (S,) ids where the RoI block is inserted: right after the last image of
+        `ids` (its end marker included). The core passes the ids up to the first token of the image after the
+        RoI's image, so the block follows the image the crop was cut from."""
+
+    def image_spans(self, input_ids: torch.Tensor, grids: torch.Tensor) -> list[list[ImageSpan]]:
+        """Per sample (row of (B, S) `input_ids`), its images in order: which `grids` row each one is and where its
+        tokens are. Grid rows are the batch's images in order (sample by sample); raises `QZoomError` when the
+        image tokens do not match the grids."""
 
     def source_window(self, image_processor, image_size: tuple[int, int]) -> tuple[float, float, float, float]:
         """(x0, y0, x1, y1): the source-pixel region the token grid covers (the whole image unless the processor
@@ -191,6 +218,8 @@ OPTIONAL_MEMBERS: dict[str, str] = {
     "vision_attention_config": "class attribute, the model-config key (e.g. \"vision_config\") of a vision tower whose "
                                "attention takes cu_seqlens; ZoomConfig(vision_attention=\"varlen\") and "
                                "fast_vision_attention select the packed attention for it (absent: refused)",
+    "multi_image": "class attribute, False when the family takes one image per sample (validate_inputs then refuses "
+                   "more, and the conformance kit checks that it does); absent: several images per sample work",
     "vision_tower": "property, the vision tower module (benchmarks cast it to compare attention paths in fp32)",
 }
 

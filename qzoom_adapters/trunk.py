@@ -13,7 +13,7 @@ import torch
 from qzoom_adapters import compat as _compat
 from .errors import QZoomError
 from .hooks import run_until
-from .spec import VisualFeatures
+from .spec import ImageSpan, VisualFeatures
 from .timing import stage
 
 
@@ -24,7 +24,8 @@ def inputs_on(inputs, device) -> dict:
 
 @dataclass
 class Prefill:
-    """Pass A of a left-padded batch: its inputs, the input of layer K (`hK`), that layer's kwargs, the cache."""
+    """Pass A of a left-padded batch: its inputs, the input of layer K (`hK`), that layer's kwargs, the cache, and
+    where each sample's images are (`spans`: per sample, its images in order)."""
 
     ids: torch.Tensor
     mask: torch.Tensor
@@ -35,6 +36,7 @@ class Prefill:
     cache: object
     grid: torch.Tensor
     feats: VisualFeatures
+    spans: list[list[ImageSpan]]
 
     def rows_kwargs(self, trunk, sel: torch.Tensor) -> dict:
         """Layer kwargs (mask, rotary) for a subset of the batch."""
@@ -48,17 +50,29 @@ class Prefill:
         return _compat.cache_from_kv([tuple(t[sel, :, :upto] for t in kv) for kv in kvs])
 
     def image_logits(self, scores: torch.Tensor, image_token_id: int, spec, rows=None,
-                     on_host: bool = False) -> list[torch.Tensor]:
-        """Per-sample (h_t, w_t) maps from (R, S) per-token scores of batch rows `rows` (default: all).
+                     on_host: bool = False, targets: list[int] | None = None) -> list[torch.Tensor]:
+        """Per-sample (h_t, w_t) maps over one image's tokens from (R, S) per-token scores of batch rows `rows`
+        (default: all).
 
-        `on_host`: the maps on the host, from one copy of the scores and of the rows' ids (not one per sample).
+        `targets`: per row of `rows`, the index of the image among its sample's images (None: samples must have one
+        image; a step that reads one image per sample refuses several rather than guess). `on_host`: the maps on
+        the host, from one copy of the scores (not one per sample). `image_token_id` is kept for callers' sake.
         """
         rows = list(range(self.ids.shape[0]) if rows is None else rows)
-        ids, grid = self.ids, self.grid
+        if targets is None:
+            several = [i for i in rows if len(self.spans[i]) != 1]
+            if several:
+                raise QZoomError(f"this step reads one image per sample, but sample(s) {several} have "
+                                 f"{[len(self.spans[i]) for i in several]} images")
+            targets = [0] * len(rows)
+        grid = self.grid
         if on_host:
-            scores, ids, grid = scores.cpu(), ids[rows].cpu(), grid.cpu()
-            return [scores[j][ids[j] == image_token_id].reshape(spec.token_grid(grid[i])) for j, i in enumerate(rows)]
-        return [scores[j][ids[i] == image_token_id].reshape(spec.token_grid(grid[i])) for j, i in enumerate(rows)]
+            scores, grid = scores.cpu(), grid.cpu()
+        maps = []
+        for j, (i, t) in enumerate(zip(rows, targets)):
+            span = self.spans[i][t]
+            maps.append(scores[j][span.start : span.end].reshape(spec.token_grid(grid[span.row])))
+        return maps
 
 
 class Trunk:
@@ -94,11 +108,12 @@ class Trunk:
         if not bool(mask[:, -1].all()):
             raise QZoomError("inputs are right-padded; tokenize with padding_side='left'")
         grid = spec.image_grids(inputs)
+        spans = spec.image_spans(ids, grid)
         with stage("vision"):
             embeds, pos, feats, extra = self.encode(ids, mask, inputs["pixel_values"], grid)
         with stage("pass_a"):
             hK, kwargs = self.forward_to(stop, embeds, mask, pos, cache, extra)
-        return Prefill(ids, mask, pos, embeds, hK, kwargs, cache, grid, feats)
+        return Prefill(ids, mask, pos, embeds, hK, kwargs, cache, grid, feats, spans)
 
     def encode(self, ids, mask, pixel_values, grids, pos=None):
         """(input embeddings, positions (axes, B, S), visual features, extra text-model kwargs) of a sequence.

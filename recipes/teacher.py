@@ -74,6 +74,9 @@ class Teacher:
         spec, model = self.spec, self.model
         inputs = batch_to(inputs, model.device)
         grids = spec.image_grids(inputs)
+        if grids.shape[0] != inputs["input_ids"].shape[0]:  # labels are maps over one image per sample
+            raise QZoomError(f"the stage-1 teacher reads one image per sample; got {grids.shape[0]} images for "
+                             f"{inputs['input_ids'].shape[0]} samples")
         if any(spec.token_grid(g) != (self.grid, self.grid) for g in grids):
             raise QZoomError(f"the fixed view gave grids {[spec.token_grid(g) for g in grids]}, not "
                              f"{self.grid}x{self.grid}; check the processor's patch/merge sizes")

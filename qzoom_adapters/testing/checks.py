@@ -15,7 +15,7 @@ from ..pipeline import QZoom
 from ..spec import get_spec
 from ..trunk import Trunk
 from ..twig import TwigRPN
-from .kit import Kit, NotApplicable, raises, synthetic_image
+from .kit import Kit, NotApplicable, raises, split_pixels, synthetic_image
 
 CHECKS = {}
 
@@ -69,24 +69,35 @@ def _forced_runs(kit: Kit, mode: str):
     return kit._once(("forced", mode), build)
 
 
+def roi_forward_logits(kit: Kit, inputs, images: list, out, mode: str) -> torch.Tensor:
+    """(vocab,) last-position logits of the unmodified model's own forward (its vision encoding and visual inputs)
+    of one sample's RoI sequence (`out.trace`, our positions): its images in token order, the crop right after the
+    RoI image `out.roi_image` (default the last of `images`), cut from that image's source pixels."""
+    spec = get_spec(kit.model)
+    tr = out.trace
+    t = len(images) - 1 if out.roi_image is None else out.roi_image
+    crop = spec.process_crops(kit.image_processor, [images[t].crop(out.bbox)], None, None)
+    assert torch.equal(crop["image_grid_thw"][0].cpu(), tr["roi_image_grid_thw"]), "crop grid differs"
+    grids = spec.image_grids(inputs)
+    pixels = split_pixels(inputs["pixel_values"], grids)
+    pos = tr["roi_position_ids"][:, None]
+    pos = pos.round().long() if mode == "sequential" else pos
+    full = kit.model_forward_logits(tr["roi_input_ids"][None],
+                                    torch.cat([*pixels[: t + 1], crop["pixel_values"], *pixels[t + 1 :]]),
+                                    torch.cat([grids[: t + 1], crop["image_grid_thw"], grids[t + 1 :]]), pos)
+    return full[0, -1].float()
+
+
 @check
 @torch.no_grad()
 def kv_reuse_equals_recompute(kit: Kit):
     """RoI-pass logits with the reused cache of layers < K equal the unmodified model's own forward
     of the whole RoI sequence (its own vision encoding and visual inputs, our positions)."""
-    spec = get_spec(kit.model)
     for mode in kit.position_modes():
         for img, _, inputs, out in _forced_runs(kit, mode):
-            tr = out.trace
             assert out.zoomed and out.roi_tokens == out.tokens
-            crop = spec.process_crops(kit.image_processor, [img.crop(out.bbox)], None, None)
-            assert torch.equal(crop["image_grid_thw"][0].cpu(), tr["roi_image_grid_thw"]), "crop grid differs"
-            ids = tr["roi_input_ids"][None]
-            pos = tr["roi_position_ids"][:, None]
-            pos = pos.round().long() if mode == "sequential" else pos
-            full = kit.model_forward_logits(ids, torch.cat([inputs["pixel_values"], crop["pixel_values"]]),
-                                            torch.cat([spec.image_grids(inputs), crop["image_grid_thw"]]), pos)
-            assert_close(tr["first_logits"], full[0, -1].float(), rtol=0, atol=1e-4)
+            assert_close(out.trace["first_logits"], roi_forward_logits(kit, inputs, [img], out, mode), rtol=0,
+                         atol=1e-4)
 
 
 def _spec_positions(pos, at, s0, grid_r, box, mode):
@@ -238,9 +249,6 @@ def bad_input_fails_clearly(kit: Kit):
     no_image = dict(inputs, input_ids=torch.where(inputs["input_ids"] == spec.image_token_id, 0, inputs["input_ids"]))
     with raises(QZoomError, "no image tokens"):
         zoom.generate_from_inputs(no_image, [img])
-    two = kit.inputs([[img, kit.images[1]]], ["Which is larger?"])
-    with raises(QZoomError, "more than one image per sample"):
-        zoom.generate_from_inputs(two, [img])
     pair = kit.inputs(kit.images[:2], ["What?", "What is written on the plate?"])
     with raises(QZoomError, "1 source images for a batch of 2"):
         zoom.generate_from_inputs(pair, [img])
@@ -252,6 +260,87 @@ def bad_input_fails_clearly(kit: Kit):
     if getattr(spec, "video_token_id", None) is not None:
         with raises(QZoomError, "video"):
             zoom.generate_from_inputs(dict(inputs, pixel_values_videos=torch.zeros(4, 8)), [img])
+
+
+def _image_run_spans(ids: torch.Tensor, image_token_id: int) -> list[tuple[int, int]]:
+    """[start, end) of each contiguous run of image tokens in a (S,) row (an image, where images are separated)."""
+    cols = (ids == image_token_id).nonzero()[:, 0].tolist()
+    runs = []
+    for c in cols:
+        if runs and runs[-1][1] == c:
+            runs[-1][1] = c + 1
+        else:
+            runs.append([c, c + 1])
+    return [tuple(r) for r in runs]
+
+
+def check_roi_of_image(kit: Kit, inputs, images: list, out, mode: str, target: int) -> None:
+    """One zoomed sample with several images: heatmap, box, RoI block, positions and logits belong to image
+    `target` (SPEC §3.1-§3.2 with that image as the global one)."""
+    spec = get_spec(kit.model)
+    tr = out.trace
+    ids = inputs["input_ids"][0]
+    grids = spec.image_grids(inputs)
+    runs = _image_run_spans(ids, spec.image_token_id)
+    assert len(runs) == len(images), f"{len(runs)} image runs for {len(images)} images"
+    assert out.zoomed and out.roi_image == tr["roi_image"] == target, f"RoI image {out.roi_image}, not {target}"
+    h_t, w_t = spec.token_grid(grids[target])
+    assert tuple(out.heatmap.shape) == (h_t, w_t), f"heatmap {tuple(out.heatmap.shape)} is not image {target}'s grid"
+    x1, y1, x2, y2 = out.bbox
+    W, H = images[target].size
+    assert 0 <= x1 < x2 <= W and 0 <= y1 < y2 <= H, f"box {out.bbox} outside image {target} ({W}x{H})"
+    start, end = runs[target]
+    at = end + (spec.vision_end_id is not None)  # right after the RoI image's tokens and end marker
+    h_r, w_r = spec.token_grid(tr["roi_image_grid_thw"])
+    block = [spec.vision_start_id] * (spec.vision_start_id is not None) + [spec.image_token_id] * (h_r * w_r) + \
+        [spec.vision_end_id] * (spec.vision_end_id is not None)
+    expected_ids = torch.cat([ids[:at].cpu(), torch.tensor(block, dtype=ids.dtype), ids[at:].cpu()])
+    assert torch.equal(tr["roi_input_ids"], expected_ids), f"the RoI block must follow image {target} (index {at})"
+    pos = spec.position_ids(inputs["input_ids"], inputs["attention_mask"], grids)[:, 0]
+    expected = _spec_positions(pos, at, float(pos[0, start]), (h_r, w_r), tr["bbox_tokens"], mode)
+    assert_close(tr["roi_position_ids"], expected, rtol=0, atol=1e-5)
+    if mode == "sequential":
+        in_order = torch.cat([grids[: target + 1].cpu(), tr["roi_image_grid_thw"][None], grids[target + 1 :].cpu()])
+        own = spec.position_ids(tr["roi_input_ids"][None], None, in_order)[:, 0]
+        assert torch.equal(own.float(), tr["roi_position_ids"]), "sequential != the backbone's positions"
+    assert_close(tr["first_logits"], roi_forward_logits(kit, inputs, images, out, mode), rtol=0, atol=1e-4)
+
+
+@check
+@torch.no_grad()
+def several_images_per_sample(kit: Kit):
+    """Several images per sample, where the spec takes them: the RoI image (the last by default, or `roi_image`)
+    gets the heatmap, the crop and the RoI block, with SPEC §3.2 positions in its frame and KV-reuse logits equal to
+    the model's own forward, first image or last; a batch mixing one- and two-image samples equals each sample
+    alone; a bad `roi_image` and a wrong number of source images fail clearly. A spec with `multi_image = False`
+    refuses two images with one clear error."""
+    spec = get_spec(kit.model)
+    a, b, c = kit.images
+    pair = [a, b]
+    two = kit.inputs([pair], [kit.questions[0]])
+    zoom = kit.zoom(gate_threshold=0.0, roi_threshold=0.0)
+    if not getattr(spec, "multi_image", True):
+        with raises(QZoomError, "one image per sample"):
+            zoom.generate_from_inputs(two, [pair])
+        return
+    for mode in kit.position_modes():
+        zoom.config = zoom.config.model_copy(update={"position_mode": mode})
+        for target in (None, 0):
+            out = zoom.generate_from_inputs(two, [pair], max_new_tokens=3, return_trace=True, roi_image=[target])[0]
+            check_roi_of_image(kit, two, pair, out, mode, 1 if target is None else target)
+    groups, targets = [pair, c, [c, a]], [0, None, None]
+    batch = zoom.generate_from_inputs(kit.inputs(groups, kit.questions), groups, max_new_tokens=4, return_trace=True,
+                                      roi_image=targets)
+    for out, group, q, t in zip(batch, groups, kit.questions, targets):
+        alone = zoom.generate_from_inputs(kit.inputs([group], [q]), [group], max_new_tokens=4, return_trace=True,
+                                          roi_image=[t])[0]
+        assert (out.tokens, out.bbox, out.roi_image) == (alone.tokens, alone.bbox, alone.roi_image)
+        assert_close(out.trace["first_logits"], alone.trace["first_logits"], rtol=0, atol=1e-4)
+        assert_close(out.trace["roi_position_ids"], alone.trace["roi_position_ids"])
+    with raises(QZoomError, r"roi_image\[0\] = 2, but sample 0 has 2 image"):
+        zoom.generate_from_inputs(two, [pair], roi_image=[2])
+    with raises(QZoomError, "2 image.* in the inputs but 1 source image"):
+        zoom.generate_from_inputs(two, [a])
 
 
 @check

@@ -39,6 +39,18 @@ def default_model_factory(spec_cls) -> Callable[[int], nn.Module]:
     return make
 
 
+def split_pixels(pixel_values: torch.Tensor, grids: torch.Tensor) -> list[torch.Tensor]:
+    """`pixel_values` of several images split per image: one row per patch (`t*h*w` rows per grid row, Qwen-VL) or
+    one row per image (fixed-size towers, LLaVA)."""
+    patches = [int(g.prod()) for g in grids]
+    if pixel_values.shape[0] == sum(patches):
+        return list(pixel_values.split(patches))
+    if pixel_values.shape[0] == len(patches):
+        return list(pixel_values.split(1))
+    raise NotApplicable(f"pixel_values of shape {tuple(pixel_values.shape)} hold neither one row per patch nor one "
+                        f"per image of grids {grids.tolist()}: the kit cannot split them per image")
+
+
 class NotApplicable(Exception):
     """Raised by a check that does not apply to the spec under test: its result is "not applicable", not a pass."""
 
