@@ -164,8 +164,8 @@ def test_stats_name_each_round_and_documents_stop_on_their_own(lm, task, one_thr
 
 
 @pytest.mark.parametrize("bad,match", [
-    ("two_visuals", "document 0 has 2 visuals; Q-Zoom answers one image per question"),
-    ("video_round", "document 0 round 1: .*clip_0.mp4.*; Q-Zoom answers one still image per question"),
+    ("no_visual", "document 0 has no visual; Q-Zoom answers questions about still images"),
+    ("video_round", "document 0 round 1: .*clip_0.mp4.*; Q-Zoom answers questions about still images"),
     ("text_only", "document 0 round 1: doc_to_text returned str, not \\(visuals, context, terminal, round results, "
                   "info\\)"),
 ])
@@ -173,9 +173,9 @@ def test_a_round_qzoom_cannot_answer_is_one_line(lm, task, bad, match, one_threa
     zw, utils = task
     lm.task_dict = _task_dict(zw)
     visual, text = utils.doc_to_visual, utils.doc_to_text
-    if bad == "two_visuals":
+    if bad == "no_visual":
         def visual(doc):
-            return utils.doc_to_visual(doc) * 2
+            return []
     elif bad == "video_round":
         text = utils.video_doc_to_text
     else:
@@ -195,3 +195,33 @@ def test_the_lmms_eval_command_line_prints_one_line_for_a_video_round(task):
     assert done.returncode == 1 and "Traceback" not in out, out[-3000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith(f"qzoom: {VIDEO_TASK} document 0 round 1: ") and "clip_0.mp4" in last, last
+
+
+def test_a_request_with_several_images_is_answered_with_all_of_them(lm, task, one_thread):
+    """generate_until with two images a request: each answer is QZoom's on both images (RoI cut from the last),
+    its visual tokens count both; loglikelihood refuses several images in one line."""
+    zw, utils = task
+    lm.task_dict = _task_dict(zw)
+    lm.stats.clear()
+
+    def two(doc):
+        return utils.doc_to_visual(doc) * 2
+
+    reqs = [Instance("generate_until", (s.question, {"max_new_tokens": MAX_NEW, "until": []}, two, i, zw.name, "test"),
+                     0, metadata={"task": zw.name, "doc_id": i, "repeats": 1}) for i, s in enumerate(zw.samples[:2])]
+    got = lm.generate_until(reqs)
+    zoom, spec, processor = load_default()
+    pixels = spec.budget_pixels(BUDGET)
+    zoom = zoom.with_config(crop_min_pixels=pixels, crop_max_pixels=pixels)
+    for i, text in enumerate(got):
+        images = [im.convert("RGB") for im in two(lm.task_dict[zw.name]["test"][i])]
+        inputs = spec.chat_inputs(processor, [images], [zw.samples[i].question], pixels=pixels)
+        alone = zoom.generate_from_inputs(inputs, [images], max_new_tokens=MAX_NEW)[0]
+        single = zoom.generate_from_inputs(spec.chat_inputs(processor, [images[0]], [zw.samples[i].question],
+                                                            pixels=pixels), [images[0]], max_new_tokens=MAX_NEW)[0]
+        assert text == alone.text and alone.roi_image == 1
+        assert lm.stats[i].visual_tokens == alone.visual_tokens > single.visual_tokens
+    scored = Instance("loglikelihood", (zw.samples[0].question, " x", two, 0, zw.name, "test"), 0,
+                      metadata={"task": zw.name, "doc_id": 0, "repeats": 1})
+    with pytest.raises(RequestError, match="document 0 has 2 images; loglikelihood scores one image per question"):
+        lm.loglikelihood([scored])

@@ -6,9 +6,10 @@ copied into lmms-eval and no environment variable is needed:
     lmms-eval --model qzoom --model_args pretrained=MODEL,adapters=ADAPTERS,gate_threshold=0.05,max_pixels=451584 \\
         --tasks textvqa_val --batch_size 8
 
-A "simple" lmms-eval model (`doc_to_visual` + `doc_to_text`): one image and one question per request, or per round
-of a multi-round task (`generate_until_multi_round`, whose task's `doc_to_text` gives each next round); a request
-with another visual (none, several, a video) stops the run with one line (`RequestError`). Every
+A "simple" lmms-eval model (`doc_to_visual` + `doc_to_text`): one question and its still image(s) per request, or
+per round of a multi-round task (`generate_until_multi_round`, whose task's `doc_to_text` gives each next round);
+with several images the RoI is cut from the last; a request with no visual or a video stops the run with one
+line (`RequestError`), and `loglikelihood` takes one image per request. Every
 request batch goes through `QZoom.generate_from_inputs`, which decides gate and zoom per sample; decoding is greedy
 (a task asking for sampling gets greedy answers and one warning). Per sample it records whether it zoomed, the gate
 probability, the visual tokens and the latency (`QZoomLMM.stats`), which `qzoom eval` reports next to the
@@ -113,23 +114,26 @@ def _until(text: str, stops) -> str:
 
 
 class RequestError(ModelArgsError):
-    """A request Q-Zoom cannot answer (not one still image per question): one line, `qzoom: <problem>`, through
+    """A request Q-Zoom cannot answer (no still image, a video): one line, `qzoom: <problem>`, through
     lmms-eval's command line, which prints the traceback of any `Exception` a model raises."""
 
 
 def _one_image(visuals, task: str, doc_id, round_idx: int | None = None):
-    """The one still image of a request (a PIL image or an image file's path, as RGB PIL), else `RequestError`."""
+    """The still image(s) of a request as RGB PIL (from PIL images or image files' paths): one image, or a list
+    for a request with several (Q-Zoom then zooms into the last, `QZoom.generate_from_inputs`'s default RoI image);
+    none, a video or anything else is a `RequestError`."""
     from qzoom_adapters.errors import QZoomError
     from qzoom_adapters.images import source_image
 
     where = f"{task} document {doc_id}" + ("" if round_idx is None else f" round {round_idx}")
     items = [v for v in (visuals if isinstance(visuals, (list, tuple)) else [visuals]) if v is not None]
-    if len(items) != 1:
-        raise RequestError(f"{where} has {len(items)} visuals; Q-Zoom answers one image per question")
+    if not items:
+        raise RequestError(f"{where} has no visual; Q-Zoom answers questions about still images")
     try:
-        return source_image(items[0])
+        images = [source_image(v, i) for i, v in enumerate(items)]
     except QZoomError as err:  # a video's path, an array, ...
-        raise RequestError(f"{where}: {err}; Q-Zoom answers one still image per question") from None
+        raise RequestError(f"{where}: {err}; Q-Zoom answers questions about still images") from None
+    return images[0] if len(images) == 1 else images
 
 
 def _question(context) -> str:
@@ -265,6 +269,9 @@ class QZoomLMM(lmms):
         for req in tqdm(requests, disable=self.rank != 0, desc="qzoom scoring"):
             context, continuation, doc_to_visual, doc_id, task, split = req.args
             image, question = self._sample(context, doc_to_visual, doc_id, task, split)
+            if isinstance(image, list):
+                raise RequestError(f"{task} document {doc_id} has {len(image)} images; loglikelihood scores one "
+                                   "image per question")
             if callable(continuation):
                 continuation = continuation(self._doc(task, split, doc_id))
             score = continuation_scores(self.zoom, [image], [question], [continuation], pixels=self.view_pixels)[0]
@@ -275,8 +282,8 @@ class QZoomLMM(lmms):
         """Multi-round tasks, as lmms-eval's own simple models run them: round 0 answers the request's context on
         `doc_to_visual(doc)`; after each round the task's `doc_to_text(doc, previous_output=[answers so far],
         round_idx=r, previous_round_info=...)` returns (visuals, context, terminal, round results, info) for round r,
-        and a document stops when it says terminal. Every round is one Q-Zoom answer on one still image (else one
-        clear line naming the task, document and round); the documents of a batch answer each round together.
+        and a document stops when it says terminal. Every round is one Q-Zoom answer on its still image(s) (else
+        one clear line naming the task, document and round); the documents of a batch answer each round together.
         Returns each request's round results, as the task's last `doc_to_text` call returned them."""
         results: list[list | None] = [None] * len(requests)
         with tqdm(total=len(requests), disable=self.rank != 0, desc="qzoom answering (multi-round)") as bar:
