@@ -375,3 +375,21 @@ def test_binding_targets_point_at_the_asked_plate_and_the_loss_reads_them():
     assert bind > 0 and torch.isclose(total, answer + glyph + bind, atol=1e-5)
     objective.bind_weight = 0.0
     assert torch.isclose(objective(batch), answer + glyph, atol=1e-5)
+
+
+def test_box_probe_at_fraction_zero_is_the_whole_image():
+    """`box_probe`: fraction 0 keeps every pixel (the whole image: hit 1, the largest area); its SPEC row is the
+    pipeline's own box."""
+    from qzoom_adapters.benchmarks.zoomworld.box_probe import peak_box, probe
+    import torch
+
+    m = torch.zeros(4, 6)
+    m[1, 2] = 1.0
+    assert peak_box(m, (60, 40), 0.0) == (0, 0, 60, 40)
+    x1, y1, x2, y2 = peak_box(m, (60, 40), 0.9)  # the one lit cell, spans 10 px: inside it, smaller than it
+    assert 20 <= x1 < x2 <= 30 and 10 <= y1 < y2 <= 20 and (x2 - x1) < 10
+    report = probe(n_val=4, budgets=[64], fractions=[0.0, 0.7], batch_size=4)
+    rows = report["budgets"][64]
+    assert rows["peak_0"]["box_hit_rate"] == 1.0 and report["n_detail"] == 2
+    assert rows["peak_0"]["box_area_median"] >= rows["spec"]["box_area_median"]  # the whole image is the largest
+    assert set(rows) == {"spec", "peak_0", "peak_0.7"} and all(0 <= r["box_iou_mean"] <= 1 for r in rows.values())
