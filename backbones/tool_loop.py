@@ -30,8 +30,6 @@ turn, then cropped and returned exactly as if the model had written that call).
 from __future__ import annotations
 
 import copy
-import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -40,7 +38,9 @@ from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from qzoom_adapters.errors import QZoomError
+from qzoom_adapters.roi import check_box
 from qzoom_adapters.spec import get_spec
+from qzoom_adapters.trunk import inputs_on
 
 from .thinking import final_answer
 from .tool_grammars import DEEPEYES, ToolCall, ToolCallError, ToolGrammar, from_pixels, place_box, to_pixels
@@ -113,7 +113,7 @@ class StopOnStrings(StoppingCriteria):
 
 class QZoomShortcut:
     """`first_round` from a `QZoom`: its gate decides on the first pass, and where it zooms, the twig's box
-    becomes the model's first tool call (`QZoom.generate_from_inputs(..., max_new_tokens=1)`).
+    becomes the model's first tool call (`QZoom.plan_from_inputs`: pass A, gate and twig only, nothing decoded).
 
     Args:
         zoom: a `QZoom` on the tool-loop model.
@@ -125,8 +125,8 @@ class QZoomShortcut:
     """
 
     def __init__(self, zoom, preamble: str = "", force_zoom: bool | None = None, box: Callable | None = None):
-        if not callable(getattr(zoom, "generate_from_inputs", None)):
-            raise QZoomError(f"QZoomShortcut needs a QZoom (with generate_from_inputs), got {type(zoom).__name__}")
+        if not callable(getattr(zoom, "plan_from_inputs", None)):
+            raise QZoomError(f"QZoomShortcut needs a QZoom (with plan_from_inputs), got {type(zoom).__name__}")
         if force_zoom not in (None, True, False) or (box is not None and not callable(box)):
             raise QZoomError("force_zoom must be None, True or False, and box None or a callable (W, H) -> box")
         self.zoom, self.preamble, self.force_zoom, self.box = zoom, preamble, force_zoom, box
@@ -134,8 +134,8 @@ class QZoomShortcut:
     def __call__(self, inputs, images) -> list[ZoomDecision]:
         force = None if self.force_zoom is None else [self.force_zoom] * len(images)
         boxes = None if self.box is None else [self.box(im.size) for im in images]
-        outs = self.zoom.generate_from_inputs(inputs, images, max_new_tokens=1, force_zoom=force, boxes=boxes)
-        return [ZoomDecision(o.bbox if o.zoomed else None, o.gate_prob, self.preamble) for o in outs]
+        plans = self.zoom.plan_from_inputs(inputs, images, force_zoom=force, boxes=boxes)
+        return [ZoomDecision(p.bbox if p.zoomed else None, p.gate_prob, self.preamble) for p in plans]
 
 
 @dataclass
@@ -300,25 +300,17 @@ class ToolLoop:
             meta[s.index] = {"gate_prob": None if d is None else d.gate_prob}
             if d is None or d.box is None:
                 continue
-            box = self._check_box(d.box, s.image.size, s.index)
+            try:
+                box = check_box(d.box, s.image.size, s.index)
+            except QZoomError as err:
+                raise QZoomError(f"first_round: {err}") from None
             written = from_pixels(box, self.grammar.coords, s.image.size, s.seen[0])
             texts[s.index] = d.preamble + self.grammar.format_call(written, 0)
             meta[s.index]["by_shortcut"] = True
         return texts, meta
 
-    @staticmethod
-    def _check_box(box, size, index: int):
-        W, H = size
-        ok = isinstance(box, (list, tuple)) and len(box) == 4 and all(
-            isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in box)
-        if not ok or not (0 <= box[0] < box[2] <= W and 0 <= box[1] < box[3] <= H):
-            raise QZoomError(f"first_round gave sample {index} the box {box!r}; it must be (x1, y1, x2, y2) inside "
-                             f"the {W}x{H} px source image")
-        return tuple(float(v) for v in box)
-
     def _generate(self, states, inputs: dict, r: int, generate_kwargs) -> list[str]:
-        device = self.spec.embed_tokens.weight.device
-        batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+        batch = inputs_on(inputs, self.spec.embed_tokens.weight.device)
         prompt_len = batch["input_ids"].shape[1]
         extra = dict(generate_kwargs(r, [s.index for s in states], inputs) if callable(generate_kwargs)
                      else generate_kwargs or {})

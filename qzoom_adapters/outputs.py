@@ -22,3 +22,15 @@ class ZoomOutput:
     direct_text: str | None = None
     roi_image: int | None = None  # which of the sample's images the heatmap and box refer to (0-based)
     trace: dict | None = field(default=None, repr=False)
+
+
+@dataclass
+class ZoomPlan:
+    """`QZoom.plan_from_inputs` for one sample: whether `generate_from_inputs` would zoom, the crop's box
+    (x1, y1, x2, y2) in the RoI image's source pixels (None when it would not zoom), the gate probability (None
+    without a gate) and the RoI image's index among the sample's images."""
+
+    zoomed: bool
+    bbox: tuple | None
+    gate_prob: float | None
+    roi_image: int = 0

@@ -27,7 +27,7 @@ from .decode import Decoder, DecodeRows, eos_ids
 from .errors import QZoomError
 from .gate import DynamicGate
 from .images import roi_image_indices, source_image_groups
-from .outputs import ZoomOutput
+from .outputs import ZoomOutput, ZoomPlan
 from .positions import RoiBatch, RoiSequence, roi_batch, roi_place, suffix_features
 from .roi import Crop, check_box, check_grid_aspect, check_source_image, crop_from_box, crop_from_heatmap, twig_region
 from .spec import get_spec
@@ -238,17 +238,36 @@ class QZoom:
         Serialized per model like `generate`.
         """
         _check_max_new_tokens(max_new_tokens)
+        inputs, images, targets, boxes = self._checked_call(inputs, images, boxes, roi_image)
+        with self._lock:
+            return self._generate(inputs, images, targets, max_new_tokens, return_trace, force_zoom, boxes)
+
+    @torch.no_grad()
+    def plan_from_inputs(self, inputs, images: list, force_zoom: list[bool] | None = None, boxes: list | None = None,
+                         roi_image: list | None = None) -> list[ZoomPlan]:
+        """What `generate_from_inputs` with the same arguments would do, without doing it: pass A, the gate and the
+        twig only (no pass B, no decoding). Per sample a `ZoomPlan`: whether it zooms, the crop's source-pixel box
+        and the gate probability (e.g. for a tool-loop runner that writes the zoom call itself)."""
+        inputs, images, targets, boxes = self._checked_call(inputs, images, boxes, roi_image)
+        with self._lock, selected_vision_attention(self.spec, self.config.vision_attention):
+            a = self._pass_a(inputs, images, targets)
+            gate_prob = self._gate(a)
+            want_zoom = self._zoom_decisions(gate_prob, a.ids.shape[0], force_zoom, boxes)
+            crops = self._twig_crops(a, [g[t] for g, t in zip(images, targets)], targets, want_zoom, boxes).crops
+        return [ZoomPlan(i in crops, crops[i].box_px if i in crops else None,
+                         None if gate_prob is None else float(gate_prob[i]), targets[i]) for i in range(len(targets))]
+
+    def _checked_call(self, inputs, images, boxes, roi_image):
+        """The checked arguments of a call on processed inputs: (inputs on the model's input device, source image
+        groups, RoI image index per sample, checked boxes)."""
         if not hasattr(inputs, "get") or inputs.get("input_ids") is None:
             raise QZoomError("inputs need `input_ids` (the processor's output for the batch)")
         if inputs["input_ids"].shape[0] == 0:
             raise QZoomError("empty batch: inputs hold no samples")
         images = source_image_groups(images)
         targets = roi_image_indices(roi_image, images)
-        B = inputs["input_ids"].shape[0]
-        boxes = self._check_boxes(boxes, [group[t] for group, t in zip(images, targets)], B)
-        inputs = inputs_on(inputs, self.spec.embed_tokens.weight.device)  # CPU processor output, a GPU model
-        with self._lock:
-            return self._generate(inputs, images, targets, max_new_tokens, return_trace, force_zoom, boxes)
+        boxes = self._check_boxes(boxes, [group[t] for group, t in zip(images, targets)], inputs["input_ids"].shape[0])
+        return inputs_on(inputs, self.spec.embed_tokens.weight.device), images, targets, boxes  # CPU output, GPU model
 
     @torch.no_grad()
     def _generate(self, inputs, images: list, targets: list[int], max_new_tokens: int, return_trace: bool,

@@ -98,6 +98,34 @@ def test_mixed_batch_with_left_padding_equals_full_recompute(kit, mode):
 
 
 @torch.no_grad()
+def test_plan_is_what_generate_would_do_without_the_layers_above_k(kit):
+    """`plan_from_inputs`: the same zoom decisions, boxes and gate probabilities as `generate_from_inputs` with
+    the same arguments (gate, forced decisions, caller boxes, RoI image), and no decoder layer at or above K runs."""
+    a, b, c = kit.images
+    groups = [[a, b], c, [c, a]]
+    inputs = kit.inputs(groups, [Q, Q, Q])
+    zoom = kit.zoom(gate_threshold=0.0, roi_threshold=0.0)
+    probe = zoom.generate_from_inputs(inputs, groups, max_new_tokens=1)
+    middle = sorted(o.gate_prob for o in probe)[1]
+    zoom = zoom.with_config(gate_threshold=middle)  # the same adapters; the gate fires on some samples only
+    calls = []
+    above = [layer.register_forward_hook(lambda *_: calls.append(1)) for layer in zoom.spec.layers[zoom.K:]]
+    try:
+        for kwargs in ({}, {"force_zoom": [False, True, False]}, {"roi_image": [0, None, 1]},
+                       {"boxes": [(10, 20, 280, 150), None, None], "roi_image": [0, None, None]}):
+            plans = zoom.plan_from_inputs(inputs, groups, **kwargs)
+            assert not calls, kwargs
+            outs = zoom.generate_from_inputs(inputs, groups, max_new_tokens=2, **kwargs)
+            got = [(p.zoomed, p.bbox, p.gate_prob, p.roi_image) for p in plans]
+            assert got == [(o.zoomed, o.bbox, o.gate_prob, o.roi_image) for o in outs], kwargs
+            calls.clear()
+    finally:
+        for h in above:
+            h.remove()
+    assert {p.zoomed for p in zoom.plan_from_inputs(inputs, groups)} == {True, False}
+
+
+@torch.no_grad()
 def test_force_zoom_and_boxes_use_the_roi_image(kit):
     a, b, _ = kit.images
     zoom = kit.zoom(gate_threshold=1.5, roi_threshold=0.0)  # the gate never fires
