@@ -36,7 +36,6 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from qzoom_adapters.errors import QZoomError
-from qzoom_adapters.roi import grow_side
 
 FRAMES = ("source", "seen", "relative", "norm1000")
 Box = tuple[float, float, float, float]
@@ -259,6 +258,20 @@ def from_pixels(box: Box, coords: str, image_size, seen_size) -> Box:
     return box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
 
 
+def _grow(lo: float, hi: float, limit: float, min_side: float) -> tuple[float, float]:
+    """Grow [lo, hi] to `min_side` (at most `limit`) about its centre, shifted to stay inside [0, limit]. The
+    core's `roi._grow_side` does the same for twig boxes; backbones import only leaf modules, so it is not shared."""
+    side = min(float(min_side), float(limit))
+    if hi - lo < side:
+        c = (lo + hi) / 2.0
+        lo, hi = c - side / 2.0, c + side / 2.0
+    if lo < 0:
+        lo, hi = 0.0, hi - lo
+    if hi > limit:
+        lo, hi = lo - (hi - limit), float(limit)
+    return max(lo, 0.0), min(hi, float(limit))
+
+
 def place_box(grammar: ToolGrammar, box: Box, image_size, min_side: int, written: Box | None = None):
     """The whole-pixel crop box for a call's `box` (pixels of an image of `image_size`), or `ToolCallError`.
 
@@ -280,8 +293,8 @@ def place_box(grammar: ToolGrammar, box: Box, image_size, min_side: int, written
     if grammar.enlarge != 1.0:
         cx, cy, hw, hh = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) * grammar.enlarge / 2, (y2 - y1) * grammar.enlarge / 2
         x1, y1, x2, y2 = max(cx - hw, 0.0), max(cy - hh, 0.0), min(cx + hw, float(W)), min(cy + hh, float(H))
-    x1, x2 = grow_side(x1, x2, W, min_side)
-    y1, y2 = grow_side(y1, y2, H, min_side)
+    x1, x2 = _grow(x1, x2, W, min_side)
+    y1, y2 = _grow(y1, y2, H, min_side)
     eps = 1e-6  # 0.25 * 300 * (224 / 300) style float noise must not widen the crop by a pixel
     px = (max(0, math.floor(x1 + eps)), max(0, math.floor(y1 + eps)), min(W, math.ceil(x2 - eps)),
           min(H, math.ceil(y2 - eps)))

@@ -30,6 +30,8 @@ turn, then cropped and returned exactly as if the model had written that call).
 from __future__ import annotations
 
 import copy
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -38,9 +40,7 @@ from PIL import Image
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from qzoom_adapters.errors import QZoomError
-from qzoom_adapters.roi import check_box
 from qzoom_adapters.spec import get_spec
-from qzoom_adapters.trunk import inputs_on
 
 from .thinking import final_answer
 from .tool_grammars import DEEPEYES, ToolCall, ToolCallError, ToolGrammar, from_pixels, place_box, to_pixels
@@ -153,6 +153,18 @@ class _Sample:
     def images(self) -> list:
         return [p["image"] for m in self.messages if isinstance(m["content"], list) for p in m["content"]
                 if p.get("type") == "image"]
+
+
+def _check_box(box, size, index: int) -> tuple[float, float, float, float]:
+    """A `first_round` box: four finite numbers inside the source image (as the core's `roi.check_box`, which a
+    backbone module may not import: backbones import only leaf modules)."""
+    W, H = size
+    ok = isinstance(box, (list, tuple)) and len(box) == 4 and all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in box)
+    if not ok or not (0 <= box[0] < box[2] <= W and 0 <= box[1] < box[3] <= H):
+        raise QZoomError(f"first_round gave sample {index} the box {box!r}; it must be (x1, y1, x2, y2) inside "
+                         f"the {W}x{H} px source image")
+    return tuple(float(v) for v in box)
 
 
 def _positive_int(value, name: str) -> int:
@@ -300,17 +312,15 @@ class ToolLoop:
             meta[s.index] = {"gate_prob": None if d is None else d.gate_prob}
             if d is None or d.box is None:
                 continue
-            try:
-                box = check_box(d.box, s.image.size, s.index)
-            except QZoomError as err:
-                raise QZoomError(f"first_round: {err}") from None
+            box = _check_box(d.box, s.image.size, s.index)
             written = from_pixels(box, self.grammar.coords, s.image.size, s.seen[0])
             texts[s.index] = d.preamble + self.grammar.format_call(written, 0)
             meta[s.index]["by_shortcut"] = True
         return texts, meta
 
     def _generate(self, states, inputs: dict, r: int, generate_kwargs) -> list[str]:
-        batch = inputs_on(inputs, self.spec.embed_tokens.weight.device)
+        device = self.spec.embed_tokens.weight.device
+        batch = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
         prompt_len = batch["input_ids"].shape[1]
         extra = dict(generate_kwargs(r, [s.index for s in states], inputs) if callable(generate_kwargs)
                      else generate_kwargs or {})

@@ -378,8 +378,8 @@ class QZoom:
                 scores, first_scores = self.twig.query_scores(spec, a.hK[sel], a.rows_kwargs(self.trunk, sel),
                                                               self.trunk, first)
                 which = [targets[i] for i in rows]
-                maps = a.image_logits(scores, spec.image_token_id, spec, rows, on_host=True, targets=which)
-                first_maps = a.image_logits(first_scores, spec.image_token_id, spec, rows, on_host=True, targets=which)
+                maps = a.image_logits(scores, spec, rows, on_host=True, targets=which)
+                first_maps = a.image_logits(first_scores, spec, rows, on_host=True, targets=which)
             for j, i in enumerate(rows):
                 if boxes[i] is not None:  # the caller's box replaces the twig's
                     if self.twig is not None:

@@ -52,13 +52,10 @@ def token_box(mask: torch.Tensor) -> tuple[int, int, int, int] | None:
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
-def grow_side(lo: float, hi: float, limit: float, min_side: float) -> tuple[float, float]:
-    """[lo, hi] grown to `min_side` (at most `limit`) about its centre, shifted back inside [0, limit]; never
-    shrunk (the 28-px rule of SPEC §2.7, per side)."""
-    side = min(float(min_side), float(limit))
-    if hi - lo < side:
+def _grow_side(lo: float, hi: float, limit: float, min_side: float) -> tuple[float, float]:
+    if hi - lo < min_side:
         c = (lo + hi) / 2.0
-        lo, hi = c - side / 2.0, c + side / 2.0
+        lo, hi = c - min_side / 2.0, c + min_side / 2.0
     if lo < 0:
         hi, lo = hi - lo, 0.0
     if hi > limit:
@@ -83,8 +80,8 @@ def box_to_pixels(box_tok, grid_hw, image_wh, min_side: int = 28, window=None) -
         sx, sy = (wx1 - wx0) / w_t, (wy1 - wy0) / h_t
         px1, px2 = max(0.0, wx0 + x1 * sx), min(float(W), wx0 + x2 * sx)
         py1, py2 = max(0.0, wy0 + y1 * sy), min(float(H), wy0 + y2 * sy)
-    px1, px2 = grow_side(px1, px2, W, min_side)
-    py1, py2 = grow_side(py1, py2, H, min_side)
+    px1, px2 = _grow_side(px1, px2, W, min_side)
+    py1, py2 = _grow_side(py1, py2, H, min_side)
     return int(px1), int(py1), int(px2), int(py2)
 
 
@@ -155,8 +152,8 @@ def crop_from_box(spec, box, grid_hw, image, image_processor, min_side: int, ind
     x1, y1, x2, y2 = check_box(box, image.size, index)
     W, H = image.size
     _check_size(W, H, min_side)
-    px1, px2 = grow_side(math.floor(x1), math.ceil(x2), W, min_side)
-    py1, py2 = grow_side(math.floor(y1), math.ceil(y2), H, min_side)
+    px1, px2 = _grow_side(math.floor(x1), math.ceil(x2), W, min_side)
+    py1, py2 = _grow_side(math.floor(y1), math.ceil(y2), H, min_side)
     box_px = int(px1), int(py1), int(px2), int(py2)
     window = spec.source_window(image_processor, image.size)
     box_tok = pixels_to_token_box(box_px, grid_hw, image.size, window)

@@ -49,14 +49,14 @@ class Prefill:
         kvs = [_compat.cache_kv(self.cache, layer) for layer in range(n_layers)]
         return _compat.cache_from_kv([tuple(t[sel, :, :upto] for t in kv) for kv in kvs])
 
-    def image_logits(self, scores: torch.Tensor, image_token_id: int, spec, rows=None,
-                     on_host: bool = False, targets: list[int] | None = None) -> list[torch.Tensor]:
+    def image_logits(self, scores: torch.Tensor, spec, rows=None, on_host: bool = False,
+                     targets: list[int] | None = None) -> list[torch.Tensor]:
         """Per-sample (h_t, w_t) maps over one image's tokens from (R, S) per-token scores of batch rows `rows`
         (default: all).
 
         `targets`: per row of `rows`, the index of the image among its sample's images (None: samples must have one
         image; a step that reads one image per sample refuses several rather than guess). `on_host`: the maps on
-        the host, from one copy of the scores (not one per sample). `image_token_id` is kept for callers' sake.
+        the host, from one copy of the scores (not one per sample).
         """
         rows = list(range(self.ids.shape[0]) if rows is None else rows)
         if targets is None:

@@ -163,7 +163,7 @@ class TwigObjective(nn.Module):
             a = self.trunk.prefill(inputs, self.twig.K)
         first = a.mask.argmax(dim=1)
         scores, _ = self.twig.query_scores(spec, a.hK, a.kwargs, self.trunk, first)
-        logits = torch.stack(a.image_logits(scores, spec.image_token_id, spec))
+        logits = torch.stack(a.image_logits(scores, spec))
         return selective_bce(logits, batch["labels"].to(dev))
 
 

@@ -183,8 +183,8 @@ class PostSFTObjective(nn.Module):
         with torch.no_grad():
             a = self.trunk.prefill(inputs, twig.K)
             scores, first = twig.query_scores(spec, a.hK, a.kwargs, self.trunk, a.mask.argmax(dim=1))
-        maps = a.image_logits(scores, spec.image_token_id, spec)
-        first_maps = a.image_logits(first, spec.image_token_id, spec)
+        maps = a.image_logits(scores, spec)
+        first_maps = a.image_logits(first, spec)
         crops = []
         for j, image in enumerate(batch["images"]):
             if batch.get("plain", [False] * len(batch["images"]))[j]:

@@ -173,7 +173,7 @@ def test_bad_multi_image_input_fails_clearly(qwen25, one_thread):
     # steps that read one image per sample refuse several instead of guessing which one
     pa = zoom._pass_a(two, [[a, b]])
     with pytest.raises(qz.QZoomError, match="reads one image per sample"):
-        pa.image_logits(torch.zeros(1, pa.ids.shape[1]), spec.image_token_id, spec)  # stage 1 / stage 2 labels
+        pa.image_logits(torch.zeros(1, pa.ids.shape[1]), spec)  # stage 1 / stage 2 labels
     with pytest.raises(qz.QZoomError, match="one source image per sample here"):
         continuation_scores(zoom, [[a, b]], [Q], ["red"])
 
