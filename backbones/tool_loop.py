@@ -43,7 +43,8 @@ from qzoom_adapters.errors import QZoomError
 from qzoom_adapters.spec import get_spec
 
 from .thinking import final_answer
-from .tool_grammars import DEEPEYES, ToolCall, ToolCallError, ToolGrammar, from_pixels, place_box, to_pixels
+from .tool_boxes import from_pixels, place_box, to_pixels
+from .tool_grammars import DEEPEYES, ToolCall, ToolCallError, ToolGrammar
 
 
 @dataclass

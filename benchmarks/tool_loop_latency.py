@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from qzoom_adapters.backbones.tool_grammars import GRAMMARS, from_pixels
+from qzoom_adapters.backbones.tool_boxes import from_pixels
+from qzoom_adapters.backbones.tool_grammars import GRAMMARS
 from qzoom_adapters.backbones.tool_loop import QZoomShortcut, ToolLoop
 from qzoom_adapters.benchmarks.forced_box import centred_box
 from qzoom_adapters.benchmarks.provenance import git_commit, machine

@@ -16,8 +16,8 @@ import torch
 
 from qzoom_adapters.backbones.qwen2_5_vl import Qwen2_5_VLSpec
 from qzoom_adapters.backbones.qwen3_vl import Qwen3VLSpec
-from qzoom_adapters.backbones.tool_grammars import (CHAIN_OF_FOCUS, COF_USER, DEEPEYES, DEEPEYES_USER, MINI_O3,
-                                                    from_pixels)
+from qzoom_adapters.backbones.tool_boxes import from_pixels
+from qzoom_adapters.backbones.tool_grammars import CHAIN_OF_FOCUS, COF_USER, DEEPEYES, DEEPEYES_USER, MINI_O3
 from qzoom_adapters.backbones.tool_loop import QZoomShortcut, ToolLoop, ZoomDecision
 from qzoom_adapters.benchmarks import tool_loop_latency
 from qzoom_adapters.benchmarks.tool_loop_latency import forced_rounds
