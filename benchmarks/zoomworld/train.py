@@ -24,9 +24,10 @@ from torch import nn
 from qzoom_adapters.hooks import capture_layer_input
 from qzoom_adapters.probe import attention_rows
 
-from .batches import FastChatInputs, PatchLayout
+from .batches import FastChatInputs, PatchLayout, budget_size
 from .generator import COLOURS, TEST_SEED, VAL_SEED, Plate, grounding_questions, make_scene, scene_questions
 from .model import BUDGETS, FACTOR, new_model
+from .roi_items import ROI_BUDGETS, roi_item, roi_loss
 
 
 CROP_VIEW_P = 0.5  # share of items that show a crop around one plate (teaches reading at many scales)
@@ -103,7 +104,8 @@ def stream_item(seed: int, crop_p: float = CROP_VIEW_P, square_p: float = SQUARE
              for _, _, qa_kind, _, box in qas]
     glyphs = [(ch, (x1 + x2) / 2 - l, (y1 + y2) / 2 - t, y2 - y1) for p in plates for ch, (x1, y1, x2, y2) in p.glyphs
               if 0 <= (x1 + x2) / 2 - l < W and 0 <= (y1 + y2) / 2 - t < H]
-    return {"image": image, "qas": [(q, a) for q, a, *_ in qas], "boxes": boxes, "seed": seed, "glyphs": glyphs}
+    return {"image": image, "qas": [(q, a) for q, a, *_ in qas], "boxes": boxes, "seed": seed, "glyphs": glyphs,
+            "plates": [(p.colour, p.code, p.box) for p in shown]}
 
 
 def _colour_word_end(question: str, ids_of) -> int | None:
@@ -131,11 +133,18 @@ class AnswerCollate:
     """One budget per batch (from its first item's seed); each item is a conversation of its questions and
     answers (prompt left-padded, the rest right-padded), with labels on the answers (+ end of turn) only.
 
+    With `roi_p` > 0 that share of batches (drawn from the first item's seed) are RoI batches (`roi_items`): at a
+    Q-Zoom budget, every item gets a crop around one of its plates, `batch["roi"]` holds the crops' patches, grids
+    and token boxes, and only the code questions of plates in the crop are asked; `AnswerObjective` lays them out
+    as the pipeline's pass B. A batch in which some item has no such question stays an ordinary one.
+
     Pixels stay uint8 patches (`FastChatInputs`); `AnswerObjective` normalises them on the device.
     """
 
-    def __init__(self, processor, budgets=BUDGETS):
-        self.processor, self.budgets = processor, budgets
+    def __init__(self, processor, budgets=BUDGETS, roi_p: float = 0.0):
+        if not 0.0 <= roi_p <= 1.0:
+            raise ValueError(f"roi_p must be in [0, 1], got {roi_p}")
+        self.processor, self.budgets, self.roi_p = processor, budgets, roi_p
         self.fast = FastChatInputs(processor)
         turn = processor.apply_chat_template(
             [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"},
@@ -145,8 +154,28 @@ class AnswerCollate:
     def _ids(self, text: str) -> list[int]:
         return self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def _as_roi(self, items):
+        """(RoI items, their budget), or None for an ordinary batch."""
+        seed = items[0]["seed"]
+        rng = random.Random(seed * 15485863 + 7)
+        if not self.roi_p or rng.random() >= self.roi_p:
+            return None
+        budget = ROI_BUDGETS[rng.randrange(len(ROI_BUDGETS))]
+        unit = self.fast.layout.factor
+        out = []
+        for it in items:
+            h, w = budget_size(it["image"].width, it["image"].height, budget * FACTOR**2, unit)
+            r = roi_item(it, (h // unit, w // unit), it["seed"])
+            if r is None:
+                return None
+            out.append(r)
+        return out, budget
+
     def __call__(self, items):
         budget = self.budgets[items[0]["seed"] % len(self.budgets)]
+        roi = self._as_roi(items)
+        if roi is not None:
+            items, budget = roi
         inputs = self.fast([it["image"] for it in items], [it["qas"][0][0] for it in items], budget * FACTOR**2)
         eos, pad = self.processor.tokenizer.eos_token_id, self.processor.tokenizer.pad_token_id
         tails, answer_spans = [], []
@@ -179,8 +208,18 @@ class AnswerCollate:
             inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(ids)], dim=1)
         glyph_rows, glyph_ids = self.glyph_targets(items, inputs["image_grid_thw"])
         prompt_len = labels.shape[1] - n
-        bind = self.binding_targets(items, answer_spans, prompt_len, inputs["input_ids"], inputs["image_grid_thw"])
-        return {"inputs": inputs, "labels": labels, "glyph_rows": glyph_rows, "glyph_ids": glyph_ids, **bind}
+        out = {"inputs": inputs, "labels": labels, "glyph_rows": glyph_rows, "glyph_ids": glyph_ids}
+        if roi is None:
+            return {**out, **self.binding_targets(items, answer_spans, prompt_len, inputs["input_ids"],
+                                                  inputs["image_grid_thw"])}
+        crops = self.fast([it["crop"] for it in items], [""] * len(items), budget * FACTOR**2)
+        crop_rows, crop_ids = self.glyph_targets([{"image": it["crop"], "glyphs": it["crop_glyphs"]} for it in items],
+                                                 crops["image_grid_thw"])
+        B, S = inputs["input_ids"].shape  # the binding loss's rows would move with the RoI block: none here
+        return {**out, "bind_rows": torch.zeros(B, 1, dtype=torch.long), "bind_valid": torch.zeros(B, 1, dtype=torch.bool),
+                "bind_target": torch.zeros(B, 1, S, dtype=torch.bool),
+                "roi": {"pixel_values_u8": crops["pixel_values_u8"], "image_grid_thw": crops["image_grid_thw"],
+                        "box_tok": [it["box_tok"] for it in items], "glyph_rows": crop_rows, "glyph_ids": crop_ids}}
 
     def binding_targets(self, items, answer_spans, prompt_len: int, input_ids, grids, max_rows: int = 8) -> dict:
         """The rows that predict an answer about one plate (the first; a box's first `max_rows`) and, per row, the image
@@ -290,6 +329,14 @@ class AnswerObjective(nn.Module):
         inputs = {k: v.to(dev, non_blocking=True) for k, v in batch["inputs"].items()}
         pixels = self.layout.normalize(inputs.pop("pixel_values_u8"))
         ids, mask, grids = inputs["input_ids"], inputs["attention_mask"], inputs["image_grid_thw"]
+        if "roi" in batch:  # the pass-B layout; the binding loss has no rows here
+            loss, feats, crop_feats = roi_loss(self, batch, ids, mask, pixels, grids, dev)
+            glyph = loss.new_zeros(())
+            if self.glyph_weight:
+                glyph = self.glyph_loss(feats, batch["glyph_rows"], batch["glyph_ids"], crop_feats,
+                                        batch["roi"]["glyph_rows"], batch["roi"]["glyph_ids"])
+            total = loss + self.glyph_weight * glyph
+            return (total, loss.detach(), glyph.detach(), loss.new_zeros(())) if parts else total
         embeds, pos, feats, extra = self.trunk.encode(ids, mask, pixels, grids)
         binding = self.bind_weight > 0 and bool(batch["bind_valid"].any())
         with ExitStack() as stack:
@@ -298,14 +345,22 @@ class AnswerObjective(nn.Module):
             out = self.model(inputs_embeds=embeds, attention_mask=mask, position_ids=self.trunk.model_positions(pos),
                              labels=batch["labels"].to(dev), use_cache=False, **extra)
         loss, glyph, bind = out.loss, out.loss.new_zeros(()), out.loss.new_zeros(())
-        rows = batch["glyph_rows"].to(dev)
-        if self.glyph_weight and rows.numel():
-            logits = self.model.get_output_embeddings()(feats.embeds[rows])
-            glyph = nn.functional.cross_entropy(logits.float(), batch["glyph_ids"].to(dev))
+        if self.glyph_weight:
+            glyph = self.glyph_loss(feats, batch["glyph_rows"], batch["glyph_ids"])
         if binding:
             bind = self.binding_loss(caps, batch, ids == self.image_token_id, mask)
         total = loss + self.glyph_weight * glyph + self.bind_weight * bind
         return (total, loss.detach(), glyph.detach(), bind.detach()) if parts else total
+
+    def glyph_loss(self, *feats_rows_ids) -> torch.Tensor:
+        """Mean character CE over (features, rows, ids) triples: the LM head names the glyph under each row."""
+        head = self.model.get_output_embeddings()
+        dev = head.weight.device
+        rows = [(f.embeds[r.to(dev)], i.to(dev)) for f, r, i in zip(*[iter(feats_rows_ids)] * 3) if r.numel()]
+        if not rows:
+            return head.weight.new_zeros(())
+        x, y = torch.cat([r for r, _ in rows]), torch.cat([i for _, i in rows])
+        return nn.functional.cross_entropy(head(x).float(), y)
 
     def binding_mass(self, caps, batch, image, mask, target=None) -> dict:
         """{(layer, head): ((B, R) attention on the rows' plate cells, (B, R) attention on all image tokens)}."""
@@ -381,7 +436,8 @@ def measure(objective, collate, batch_size: int, num_workers: int, seconds: floa
 def train(out, steps: int | None, batch_size: int = 32, lr: float = 1e-3, num_workers: int = 0, seed: int = 0,
           stop_after: int | None = None, max_seconds: float | None = None, init: str | None = None,
           plan_seconds: float | None = None, budgets=BUDGETS, crop_p: float = CROP_VIEW_P,
-          square_p: float = SQUARE_VIEW_P, grounding: bool = True, bind_weight: float = 0.0) -> dict:
+          square_p: float = SQUARE_VIEW_P, grounding: bool = True, bind_weight: float = 0.0,
+          roi_p: float = 0.0) -> dict:
     """Train (or continue from `init`, a saved model folder) for `steps`, or as many as `plan_seconds` allow
     at the measured throughput (the cosine schedule then ends on time)."""
     from qzoom_adapters.recipes.config import TrainSection
@@ -397,7 +453,7 @@ def train(out, steps: int | None, batch_size: int = 32, lr: float = 1e-3, num_wo
     state = process_state()
     world = state.num_processes
     objective = AnswerObjective(model.to(state.device), processor, bind_weight=bind_weight)
-    collate = AnswerCollate(processor, tuple(budgets))
+    collate = AnswerCollate(processor, tuple(budgets), roi_p=roi_p)
     probe = None
     if plan_seconds is not None and world > 1:
         from qzoom_adapters.errors import QZoomError
@@ -440,6 +496,8 @@ def main(argv=None) -> int:
                    help="train without the grounding and reverse-binding questions (the mix before run 10)")
     p.add_argument("--bind-weight", type=float, default=0.0,
                    help="weight of the binding loss (AnswerObjective): the BIND_PAIRS heads' attention on the asked plate")
+    p.add_argument("--roi-p", type=float, default=0.0,
+                   help="share of batches in the pass-B layout [global | RoI] at the Q-Zoom budgets (roi_items)")
     p.add_argument("--init", help="continue from this saved model folder (new optimizer and schedule)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -450,7 +508,7 @@ def main(argv=None) -> int:
     result = train(args.out, args.steps, args.batch_size, args.lr, args.num_workers, args.seed,
                    max_seconds=args.max_seconds, init=args.init, plan_seconds=args.plan_seconds,
                    budgets=[int(b) for b in args.budgets.split(",")], crop_p=args.crop_p, square_p=args.square_p,
-                   grounding=not args.no_grounding, bind_weight=args.bind_weight)
+                   grounding=not args.no_grounding, bind_weight=args.bind_weight, roi_p=args.roi_p)
     from qzoom_adapters.recipes.trainer import process_state
 
     if process_state().is_main_process:  # every process returns the same summary

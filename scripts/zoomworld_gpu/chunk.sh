@@ -17,7 +17,7 @@ mkdir -p "$RUN" "$OUT"
 python3 -m qzoom_adapters.benchmarks.zoomworld.train --plan-seconds "$SECONDS_BUDGET" --max-seconds "$SECONDS_BUDGET" \
   --out "$RUN/out" --init "$INIT" --seed "${SEED:-6}" --batch-size "${BATCH:-64}" --lr "${LR:-3e-4}" \
   --num-workers "${WORKERS:-14}" --budgets "${BUDGETS:-64,128,256,576,1024,1024}" --crop-p "${CROP_P:-0.3}" \
-  --bind-weight "${BIND_WEIGHT:-0}" \
+  --bind-weight "${BIND_WEIGHT:-0}" --roi-p "${ROI_P:-0}" \
   2>&1 | tr '\r' '\n' | grep --line-buffered -v -e 'it/s\]$' -e '^training -> ' -e '^\s*$' -e 'Loading weights' > "$OUT/log.txt" || true
 tail -n 25 "$OUT/log.txt"
 cp "$RUN/out/train_log.csv" "$OUT/" 2>/dev/null || true

@@ -18,6 +18,7 @@ mkdir -p "$RUN"
 train=(python3 -m qzoom_adapters.benchmarks.zoomworld.train --plan-seconds "$SECONDS_BUDGET" --out "$RUN/out" --init "$INIT"
        --seed "${SEED:-5}" --batch-size "${BATCH:-64}" --lr "${LR:-3e-4}" --num-workers "${WORKERS:-14}"
        --budgets "${BUDGETS:-64,128,256,576,1024,1024}" --crop-p "${CROP_P:-0.3}"
+       --bind-weight "${BIND_WEIGHT:-0}" --roi-p "${ROI_P:-0}"
        --max-seconds "$((SECONDS_BUDGET + 20))")
 chain=(python3 -m qzoom_adapters.benchmarks.zoomworld.chain --model "$MODEL" --out "$RUN/chain" --n "${N:-256}"
        --n-gate "${N_GATE:-400}" --n-val "${N_VAL:-96}")
