@@ -46,13 +46,16 @@ STAGE3_BUDGETS = [64, 128, 256, 576, 1024]  # every Q-Zoom budget (64-256) is dr
 
 
 def write_setup(out, model_dir, n: int = 128, grid: int = 16, n_gate: int | None = None,
-                mode: str = "natural") -> Path:
+                mode: str = "natural", batch_size: int = 8) -> Path:
     """`images/`, `records.jsonl` (detail questions with boxes, in `mode`), `pool.jsonl` (stage 2),
     `gate.jsonl` (stage 3, two detail questions for one global) and `recipe.yaml` under `out`.
 
     Natural mode (SPEC 4.1, the default): the teacher is asked the detail question followed by
     GROUNDING_PROMPT and answers with the plate's box (the model is trained on that grounding question);
-    its attention while it writes the box is the label. Textual mode: the teacher answers the question."""
+    its attention while it writes the box is the label. Textual mode: the teacher answers the question.
+    `batch_size`: the training batch of stages 1-3 and the labelling batches (at least 8 and 16)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if mode not in ("natural", "textual"):
         raise ValueError(f"mode must be 'natural' or 'textual', got {mode!r}")
     out = Path(out)
@@ -65,26 +68,27 @@ def write_setup(out, model_dir, n: int = 128, grid: int = 16, n_gate: int | None
     records("pool.jsonl", RECIPE_SEED + 100_000, ("detail", "global"), n)
     # few detail questions survive the consistency filter (right at both top budgets), so they are 2 in 3 here
     records("gate.jsonl", RECIPE_SEED + 200_000, ("detail", "detail", "global"), n if n_gate is None else n_gate)
-    train = {"lr": 1e-3, "batch_size": 8, "effective_batch": 8, "epochs": 3, "save_every": 20, "warmup_ratio": 0.1}
+    train = {"lr": 1e-3, "batch_size": batch_size, "effective_batch": batch_size, "epochs": 3, "save_every": 20,
+             "warmup_ratio": 0.1}
     recipe = {
         "model": {"path": str(Path(model_dir).resolve()), "dtype": "float32"},
         "K": K, "T": T,
         # max_new_tokens: a box "[x1,y1,x2,y2]" is up to 17 characters (+ end of turn); pairs: `qzoom heads`
         "labels_stage1": {"records": "records.jsonl", "out": "labels1", "grid": grid, "max_new_tokens": 18,
-                          "batch_size": 8, "shard_size": 64, "answer_suffix": "", "grounding_prompt": GROUNDING_PROMPT,
+                          "batch_size": max(8, batch_size), "shard_size": 64, "answer_suffix": "", "grounding_prompt": GROUNDING_PROMPT,
                           "textual_pairs": {3: [0]}, "natural_pairs": {3: [0]}},
         "stage1": {"labels": "labels1", "out": "stage1", "train": train},
         # The base model reads crops but not whole scenes, so few samples are "regressions" (direct right,
         # zoomed wrong): stage 2 keeps every zoomed sample with its ground truth (RoI-SFT), which teaches the
         # model the [global | RoI] sequence it has never seen.
         "mine": {"records": "pool.jsonl", "adapters": "stage1", "out": "mine", "keep": "zoomed",
-                 "target": "ground_truth", "batch_size": 8, "max_new_tokens": 5},
+                 "target": "ground_truth", "batch_size": max(8, batch_size), "max_new_tokens": 5},
         "stage2": {"data": "mine/regressions.jsonl", "adapters": "stage1", "out": "stage2",
                    "train": {**train, "lr": 1e-4}},
         # stage 3 answers with the base model and keeps the stage-1 twig beside the new gate (run stage 2
         # first and point `model`/`adapters` at stage2/ to gate the post-SFT model instead)
         "labels_stage3": {"records": "gate.jsonl", "out": "labels3/answers.jsonl", "budgets": STAGE3_BUDGETS,
-                          "max_new_tokens": 5, "batch_size": 16},
+                          "max_new_tokens": 5, "batch_size": max(16, batch_size)},
         "stage3": {"answers": "labels3/answers.jsonl", "adapters": "stage1", "out": "stage3",
                    "train": {**train, "epochs": 8, "save_every": 50, "lr": 3e-4}},
     }
@@ -100,8 +104,9 @@ def main(argv=None) -> int:
     p.add_argument("--grid", type=int, default=16)
     p.add_argument("--n-gate", type=int, help="stage-3 questions (default: --n)")
     p.add_argument("--mode", default="natural", choices=("natural", "textual"), help="stage-1 prompt mode")
+    p.add_argument("--batch-size", type=int, default=8, help="training batch of stages 1-3")
     args = p.parse_args(argv)
-    print(write_setup(args.out, args.model, args.n, args.grid, args.n_gate, args.mode) / "recipe.yaml")
+    print(write_setup(args.out, args.model, args.n, args.grid, args.n_gate, args.mode, args.batch_size) / "recipe.yaml")
     return 0
 
 
