@@ -144,7 +144,8 @@ def run_chain(model_dir, out, n: int = 256, n_gate: int = 300, n_val: int = 96, 
     steps = StepLog(run / "chain.json")
     step = steps.step
     cfg = str(run / "recipe.yaml")
-    step("setup", lambda: {"recipe": str(write_setup(run, model_dir, n, grid, n_gate, "natural", batch_size) / "recipe.yaml")})
+    step("setup", lambda: {"recipe": str(write_setup(run, model_dir, n, grid, n_gate, "natural", batch_size,
+                                                              n_pool=min(n, n_gate)) / "recipe.yaml")})
 
     def heads():
         _cli("heads", "--config", cfg, "--layers", layers, "--top", str(top), "--out", str(run / "heads.json"))

@@ -46,14 +46,15 @@ STAGE3_BUDGETS = [64, 128, 256, 576, 1024]  # every Q-Zoom budget (64-256) is dr
 
 
 def write_setup(out, model_dir, n: int = 128, grid: int = 16, n_gate: int | None = None,
-                mode: str = "natural", batch_size: int = 8) -> Path:
+                mode: str = "natural", batch_size: int = 8, n_pool: int | None = None) -> Path:
     """`images/`, `records.jsonl` (detail questions with boxes, in `mode`), `pool.jsonl` (stage 2),
     `gate.jsonl` (stage 3, two detail questions for one global) and `recipe.yaml` under `out`.
 
     Natural mode (SPEC 4.1, the default): the teacher is asked the detail question followed by
     GROUNDING_PROMPT and answers with the plate's box (the model is trained on that grounding question);
     its attention while it writes the box is the label. Textual mode: the teacher answers the question.
-    `batch_size`: the training batch of stages 1-3 and the labelling batches (at least 8 and 16)."""
+    `n_pool`: stage-2 questions (default: `n`). `batch_size`: the training batch of stages 1-3 and the
+    labelling batches (at least 8 and 16)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if mode not in ("natural", "textual"):
@@ -65,7 +66,7 @@ def write_setup(out, model_dir, n: int = 128, grid: int = 16, n_gate: int | None
 
     # stage 1: detail questions with their boxes; stage 2 and stage 3: detail and global questions on other scenes
     records("records.jsonl", RECIPE_SEED, ("detail",), n, box=True, mode=mode)
-    records("pool.jsonl", RECIPE_SEED + 100_000, ("detail", "global"), n)
+    records("pool.jsonl", RECIPE_SEED + 100_000, ("detail", "global"), n if n_pool is None else n_pool)
     # few detail questions survive the consistency filter (right at both top budgets), so they are 2 in 3 here
     records("gate.jsonl", RECIPE_SEED + 200_000, ("detail", "detail", "global"), n if n_gate is None else n_gate)
     train = {"lr": 1e-3, "batch_size": batch_size, "effective_batch": batch_size, "epochs": 3, "save_every": 20,

@@ -6,7 +6,7 @@
 # without the model, which is the shipped one), compare.json and log.txt. Variants are "name:n:n_gate:grid:batch":
 #
 #   git archive -o .zw/src.tar HEAD   # here; then on the device (carry .zw and .whl):
-#   VARIANTS="a:2048:900:16:32 b:2048:900:12:32" bash scripts/zoomworld_gpu/chains.sh
+#   OMP_NUM_THREADS=4 VARIANTS="a:2048:900:16:32 b:2048:900:12:32" bash scripts/zoomworld_gpu/chains.sh
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 OUT=${OUT:-/tmp/zwchains-out}
