@@ -136,7 +136,8 @@ def assemble(model_dir: Path, adapters: Path, out: Path, run: Path) -> Path:
 
 
 def run_chain(model_dir, out, n: int = 256, n_gate: int = 300, n_val: int = 96, grid: int = 16,
-              layers: str = "1,2,3,4,5,6,7", top: int = 4, batch_size: int = 8) -> dict:
+              layers: str = "1,2,3,4,5,6,7", top: int = 4, batch_size: int = 8,
+              heads_limit: int | None = None) -> dict:
     from .recipe import write_setup
 
     model_dir, run = Path(model_dir).resolve(), Path(out)
@@ -148,7 +149,8 @@ def run_chain(model_dir, out, n: int = 256, n_gate: int = 300, n_val: int = 96, 
                                                               n_pool=min(n, n_gate)) / "recipe.yaml")})
 
     def heads():
-        _cli("heads", "--config", cfg, "--layers", layers, "--top", str(top), "--out", str(run / "heads.json"))
+        limit = () if heads_limit is None else ("--limit", str(heads_limit))
+        _cli("heads", "--config", cfg, "--layers", layers, "--top", str(top), "--out", str(run / "heads.json"), *limit)
         pairs = json.loads((run / "heads.json").read_text())["natural"]["suggested_pairs"]
         pairs = {int(k): v for k, v in pairs.items()}
         recipe = yaml.safe_load(Path(cfg).read_text())
@@ -185,11 +187,12 @@ def main(argv=None) -> int:
     p.add_argument("--layers", default="1,2,3,4,5,6,7", help="candidate layers for `qzoom heads`")
     p.add_argument("--top", type=int, default=4, help="grounding heads to keep")
     p.add_argument("--batch-size", type=int, default=8, help="training batch of stages 1 and 3 (the shipped run: 8)")
+    p.add_argument("--heads-limit", type=int, help="stage-1 records `qzoom heads` ranks on (default: all)")
     args = p.parse_args(argv)
     if not (Path(args.model) / "config.json").is_file():
         raise SystemExit(f"--model {args.model}: no config.json there (a saved ZoomWorld model folder is needed)")
     log = run_chain(args.model, args.out, args.n, args.n_gate, args.n_val, args.grid, args.layers, args.top,
-                    args.batch_size)
+                    args.batch_size, args.heads_limit)
     print(json.dumps({k: log[k] for k in ("chosen",)}, indent=1))
     return 0
 

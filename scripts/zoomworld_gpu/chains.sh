@@ -18,7 +18,7 @@ for v in ${VARIANTS:-a:2048:900:16:32}; do
   IFS=: read -r name n ngate grid batch <<<"$v"
   names+=("$name")
   (timeout "${CHAIN_SECONDS:-480}" python3 -m qzoom_adapters.benchmarks.zoomworld.chain --model "$MODEL" \
-     --out "$RUN/$name" --n "$n" --n-gate "$ngate" --grid "$grid" --batch-size "$batch" --n-val "${N_VAL:-96}" 2>&1 \
+     --out "$RUN/$name" --n "$n" --n-gate "$ngate" --grid "$grid" --batch-size "$batch" --heads-limit "${HEADS_LIMIT:-256}" --n-val "${N_VAL:-96}" 2>&1 \
      | tr '\r' '\n' | grep --line-buffered -v -e 'it/s\]$' -e 's/it\]$' -e '^\s*$' -e 'Loading weights' \
      > "$OUT/log_$name.txt" || true) &
 done
