@@ -145,8 +145,9 @@ def run_chain(model_dir, out, n: int = 256, n_gate: int = 300, n_val: int = 96, 
     steps = StepLog(run / "chain.json")
     step = steps.step
     cfg = str(run / "recipe.yaml")
+    # the chain runs no stage 2: its pool is kept small (the shipped run, n=256 and n_gate=300, is unchanged)
     step("setup", lambda: {"recipe": str(write_setup(run, model_dir, n, grid, n_gate, "natural", batch_size,
-                                                              n_pool=min(n, n_gate)) / "recipe.yaml")})
+                                                     n_pool=min(n, n_gate)) / "recipe.yaml")})
 
     def heads():
         limit = () if heads_limit is None else ("--limit", str(heads_limit))
@@ -186,7 +187,7 @@ def main(argv=None) -> int:
     p.add_argument("--grid", type=int, default=16, help="stage-1 label grid")
     p.add_argument("--layers", default="1,2,3,4,5,6,7", help="candidate layers for `qzoom heads`")
     p.add_argument("--top", type=int, default=4, help="grounding heads to keep")
-    p.add_argument("--batch-size", type=int, default=8, help="training batch of stages 1 and 3 (the shipped run: 8)")
+    p.add_argument("--batch-size", type=int, default=8, help="training batch of stages 1-3 (the shipped run: 8)")
     p.add_argument("--heads-limit", type=int, help="stage-1 records `qzoom heads` ranks on (default: all)")
     args = p.parse_args(argv)
     if not (Path(args.model) / "config.json").is_file():

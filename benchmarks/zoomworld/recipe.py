@@ -76,7 +76,8 @@ def write_setup(out, model_dir, n: int = 128, grid: int = 16, n_gate: int | None
         "K": K, "T": T,
         # max_new_tokens: a box "[x1,y1,x2,y2]" is up to 17 characters (+ end of turn); pairs: `qzoom heads`
         "labels_stage1": {"records": "records.jsonl", "out": "labels1", "grid": grid, "max_new_tokens": 18,
-                          "batch_size": max(8, batch_size), "shard_size": 64, "answer_suffix": "", "grounding_prompt": GROUNDING_PROMPT,
+                          "batch_size": max(8, batch_size), "shard_size": 64, "answer_suffix": "",
+                          "grounding_prompt": GROUNDING_PROMPT,
                           "textual_pairs": {3: [0]}, "natural_pairs": {3: [0]}},
         "stage1": {"labels": "labels1", "out": "stage1", "train": train},
         # The base model reads crops but not whole scenes, so few samples are "regressions" (direct right,
@@ -107,7 +108,8 @@ def main(argv=None) -> int:
     p.add_argument("--mode", default="natural", choices=("natural", "textual"), help="stage-1 prompt mode")
     p.add_argument("--batch-size", type=int, default=8, help="training batch of stages 1-3")
     args = p.parse_args(argv)
-    print(write_setup(args.out, args.model, args.n, args.grid, args.n_gate, args.mode, args.batch_size) / "recipe.yaml")
+    setup = write_setup(args.out, args.model, args.n, args.grid, args.n_gate, args.mode, args.batch_size)
+    print(setup / "recipe.yaml")
     return 0
 
 

@@ -18,23 +18,25 @@ for v in ${VARIANTS:-a:2048:900:16:32}; do
   IFS=: read -r name n ngate grid batch <<<"$v"
   names+=("$name")
   (timeout "${CHAIN_SECONDS:-480}" python3 -m qzoom_adapters.benchmarks.zoomworld.chain --model "$MODEL" \
-     --out "$RUN/$name" --n "$n" --n-gate "$ngate" --grid "$grid" --batch-size "$batch" --heads-limit "${HEADS_LIMIT:-256}" --n-val "${N_VAL:-96}" 2>&1 \
+     --out "$RUN/$name" --n "$n" --n-gate "$ngate" --grid "$grid" --batch-size "$batch" \
+     --heads-limit "${HEADS_LIMIT:-256}" --n-val "${N_VAL:-96}" 2>&1 \
      | tr '\r' '\n' | grep --line-buffered -v -e 'it/s\]$' -e 's/it\]$' -e '^\s*$' -e 'Loading weights' \
      > "$OUT/log_$name.txt" || true) &
 done
 wait
 for name in "${names[@]}"; do echo "== $name"; tail -n 12 "$OUT/log_$name.txt"; done
-python3 - "$RUN" "$OUT/compare.json" "${names[@]}" <<'PY'
+python3 - "$RUN" "$OUT/compare.json" "${N_VAL:-96}" "${names[@]}" <<'PY'
 import json, sys
 from pathlib import Path
 from qzoom_adapters.benchmarks.zoomworld.post_sft import compare
-run, out, names = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:]
+run, out, n_val, names = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
 folders = {"shipped": Path("benchmarks/zoomworld/default")}
 folders.update({n: run / n / "default" for n in names if (run / n / "default" / "training" / "chain.json").is_file()})
-result = compare(folders, int(__import__("os").environ.get("N_VAL", "96")), [64, 128, 256])
+result = compare(folders, n_val, [64, 128, 256])
 out.write_text(json.dumps(result, indent=1) + "\n")
 for name in folders:
-    print(name, result[name]["thresholds"], {b: {k: round(v, 3) for k, v in r["accuracy"].items()} for b, r in result[name]["budgets"].items()})
+    acc = {b: {k: round(v, 3) for k, v in r["accuracy"].items()} for b, r in result[name]["budgets"].items()}
+    print(name, result[name]["thresholds"], acc)
 PY
 (cd "$RUN" && tar -czf "$OUT/chains.tar.gz" --ignore-failed-read --exclude='*/default/model' \
    $(for n in "${names[@]}"; do echo "$n/chain.json $n/heads.json $n/recipe.yaml $n/default"; done) 2>/dev/null) || true
