@@ -194,6 +194,25 @@ def test_recipe_setup_loads_as_a_recipe(tmp_path):
     assert all((setup / r.image).is_file() for r in stage1 + pool) and {r.id for r in stage1}.isdisjoint(r.id for r in pool)
 
 
+def test_recipe_setup_with_workers_writes_the_same_records_and_images(tmp_path):
+    """Scenes drawn in worker processes are the serial ones, byte for byte, and the recipe's data loaders
+    get the worker count."""
+    from qzoom_adapters.benchmarks.zoomworld.recipe import write_setup
+    from qzoom_adapters.recipes.config import load_config
+
+    serial = write_setup(tmp_path / "serial", tmp_path / "model", n=3, grid=4, n_gate=3)
+    parallel = write_setup(tmp_path / "parallel", tmp_path / "model", n=3, grid=4, n_gate=3, workers=2)
+    for name in ("records.jsonl", "pool.jsonl", "gate.jsonl"):
+        assert (serial / name).read_text() == (parallel / name).read_text()
+    images = sorted(q.name for q in (serial / "images").iterdir())
+    assert images == sorted(q.name for q in (parallel / "images").iterdir()) and len(images) == 9
+    assert all((serial / "images" / f).read_bytes() == (parallel / "images" / f).read_bytes() for f in images)
+    cfg = load_config(parallel / "recipe.yaml")
+    assert cfg.labels_stage1.num_workers == 2 and cfg.stage1.train.num_workers == 2
+    with pytest.raises(ValueError, match="workers"):
+        write_setup(tmp_path / "bad", tmp_path / "model", n=1, workers=-1)
+
+
 def test_code_size_is_set_in_visual_tokens():
     """A character advances about one merged token (28 px) of the 1024-token view, and the code is a few
     pixels high at 64 tokens (too small to read), whatever the scene's size."""

@@ -137,7 +137,7 @@ def assemble(model_dir: Path, adapters: Path, out: Path, run: Path) -> Path:
 
 def run_chain(model_dir, out, n: int = 256, n_gate: int = 300, n_val: int = 96, grid: int = 16,
               layers: str = "1,2,3,4,5,6,7", top: int = 4, batch_size: int = 8,
-              heads_limit: int | None = None) -> dict:
+              heads_limit: int | None = None, workers: int = 0) -> dict:
     from .recipe import write_setup
 
     model_dir, run = Path(model_dir).resolve(), Path(out)
@@ -147,7 +147,7 @@ def run_chain(model_dir, out, n: int = 256, n_gate: int = 300, n_val: int = 96, 
     cfg = str(run / "recipe.yaml")
     # the chain runs no stage 2: its pool is kept small (the shipped run, n=256 and n_gate=300, is unchanged)
     step("setup", lambda: {"recipe": str(write_setup(run, model_dir, n, grid, n_gate, "natural", batch_size,
-                                                     n_pool=min(n, n_gate)) / "recipe.yaml")})
+                                                     n_pool=min(n, n_gate), workers=workers) / "recipe.yaml")})
 
     def heads():
         limit = () if heads_limit is None else ("--limit", str(heads_limit))
@@ -189,11 +189,13 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=4, help="grounding heads to keep")
     p.add_argument("--batch-size", type=int, default=8, help="training batch of stages 1-3 (the shipped run: 8)")
     p.add_argument("--heads-limit", type=int, help="stage-1 records `qzoom heads` ranks on (default: all)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes that draw the scenes and load the stage-1 and training data (0: none)")
     args = p.parse_args(argv)
     if not (Path(args.model) / "config.json").is_file():
         raise SystemExit(f"--model {args.model}: no config.json there (a saved ZoomWorld model folder is needed)")
     log = run_chain(args.model, args.out, args.n, args.n_gate, args.n_val, args.grid, args.layers, args.top,
-                    args.batch_size, args.heads_limit)
+                    args.batch_size, args.heads_limit, args.workers)
     print(json.dumps({k: log[k] for k in ("chosen",)}, indent=1))
     return 0
 

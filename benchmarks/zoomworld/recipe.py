@@ -13,6 +13,8 @@ each question's ground-truth box, which `qzoom heads` uses to *select* the atten
 from __future__ import annotations
 
 import argparse
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import yaml
@@ -34,19 +36,31 @@ def _record(out: Path, s, box: bool = False, mode: str = "textual") -> dict:
     return {**row, "box": list(s.box)} if box else row
 
 
+def _write_one(job: tuple) -> dict:
+    out, seed, family, box, mode = job
+    return _record(out, make_sample(seed, family), box=box, mode=mode)
+
+
 def write_records(out: Path, name: str, start: int, families: tuple, count: int, box: bool = False,
-                  mode: str = "textual") -> None:
-    """`out/name`: `count` questions at seeds start + i, the families in turn; images under `out/images/`."""
+                  mode: str = "textual", workers: int = 0) -> None:
+    """`out/name`: `count` questions at seeds start + i, the families in turn; images under `out/images/`.
+    `workers` > 1 draws and saves the scenes in that many processes (each scene depends on its seed alone,
+    so the files are the same either way)."""
     (Path(out) / "images").mkdir(parents=True, exist_ok=True)
-    write_jsonl(Path(out) / name, [_record(Path(out), make_sample(start + i, families[i % len(families)]), box=box,
-                                           mode=mode) for i in range(count)])
+    jobs = [(Path(out), start + i, families[i % len(families)], box, mode) for i in range(count)]
+    if workers > 1 and count > 1:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rows = list(pool.map(_write_one, jobs, chunksize=max(1, count // (4 * workers))))
+    else:
+        rows = [_write_one(job) for job in jobs]
+    write_jsonl(Path(out) / name, rows)
 
 
 STAGE3_BUDGETS = [64, 128, 256, 576, 1024]  # every Q-Zoom budget (64-256) is drawn, so the gate sees each one
 
 
 def write_setup(out, model_dir, n: int = 128, grid: int = 16, n_gate: int | None = None,
-                mode: str = "natural", batch_size: int = 8, n_pool: int | None = None) -> Path:
+                mode: str = "natural", batch_size: int = 8, n_pool: int | None = None, workers: int = 0) -> Path:
     """`images/`, `records.jsonl` (detail questions with boxes, in `mode`), `pool.jsonl` (stage 2),
     `gate.jsonl` (stage 3, two detail questions for one global) and `recipe.yaml` under `out`.
 
@@ -54,15 +68,18 @@ def write_setup(out, model_dir, n: int = 128, grid: int = 16, n_gate: int | None
     GROUNDING_PROMPT and answers with the plate's box (the model is trained on that grounding question);
     its attention while it writes the box is the label. Textual mode: the teacher answers the question.
     `n_pool`: stage-2 questions (default: `n`). `batch_size`: the training batch of stages 1-3 and the
-    labelling batches (at least 8 and 16)."""
+    labelling batches (at least 8 and 16). `workers`: processes that draw the scenes and, in the recipe,
+    load and process images for the stage-1 labels and the training stages (0: in the main process)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0, got {workers}")
     if mode not in ("natural", "textual"):
         raise ValueError(f"mode must be 'natural' or 'textual', got {mode!r}")
     out = Path(out)
 
     def records(name: str, start: int, families: tuple, count: int, box: bool = False, mode="textual") -> None:
-        write_records(out, name, start, families, count, box, mode)
+        write_records(out, name, start, families, count, box, mode, workers)
 
     # stage 1: detail questions with their boxes; stage 2 and stage 3: detail and global questions on other scenes
     records("records.jsonl", RECIPE_SEED, ("detail",), n, box=True, mode=mode)
@@ -70,13 +87,13 @@ def write_setup(out, model_dir, n: int = 128, grid: int = 16, n_gate: int | None
     # few detail questions survive the consistency filter (right at both top budgets), so they are 2 in 3 here
     records("gate.jsonl", RECIPE_SEED + 200_000, ("detail", "detail", "global"), n if n_gate is None else n_gate)
     train = {"lr": 1e-3, "batch_size": batch_size, "effective_batch": batch_size, "epochs": 3, "save_every": 20,
-             "warmup_ratio": 0.1}
+             "warmup_ratio": 0.1, "num_workers": workers}
     recipe = {
         "model": {"path": str(Path(model_dir).resolve()), "dtype": "float32"},
         "K": K, "T": T,
         # max_new_tokens: a box "[x1,y1,x2,y2]" is up to 17 characters (+ end of turn); pairs: `qzoom heads`
         "labels_stage1": {"records": "records.jsonl", "out": "labels1", "grid": grid, "max_new_tokens": 18,
-                          "batch_size": max(8, batch_size), "shard_size": 64, "answer_suffix": "",
+                          "batch_size": max(8, batch_size), "shard_size": 64, "answer_suffix": "", "num_workers": workers,
                           "grounding_prompt": GROUNDING_PROMPT,
                           "textual_pairs": {3: [0]}, "natural_pairs": {3: [0]}},
         "stage1": {"labels": "labels1", "out": "stage1", "train": train},
@@ -107,8 +124,10 @@ def main(argv=None) -> int:
     p.add_argument("--n-gate", type=int, help="stage-3 questions (default: --n)")
     p.add_argument("--mode", default="natural", choices=("natural", "textual"), help="stage-1 prompt mode")
     p.add_argument("--batch-size", type=int, default=8, help="training batch of stages 1-3")
+    p.add_argument("--workers", type=int, default=0, help="processes for drawing scenes and loading data")
     args = p.parse_args(argv)
-    setup = write_setup(args.out, args.model, args.n, args.grid, args.n_gate, args.mode, args.batch_size)
+    setup = write_setup(args.out, args.model, args.n, args.grid, args.n_gate, args.mode, args.batch_size,
+                        workers=args.workers)
     print(setup / "recipe.yaml")
     return 0
 
