@@ -7,20 +7,20 @@ decode loop).
 
 One vision-tower call per batch for the global images (`trunk.prefill`) and one for all of its crops (preprocessed
 together by `crop_preprocess.py`); `ZoomConfig.vision_attention` selects the tower's attention for the call
-(`vision_attention.py`) and restores the model's own setting after it.
+(`vision_attention.py`) and restores the model's own setting after it. The call's argument checks and per-model
+lock are in `call_checks.py`, the zoom decision in `zoom_decision.py`, each sample's output in `sample_output.py`.
 """
 from __future__ import annotations
 
 import copy
-import numbers
-import threading
-import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from qzoom_adapters import compat as _compat
+from .call_checks import (check_boxes, check_grids, check_max_new_tokens, check_processor, check_questions,
+                          model_lock)
 from .config import ZoomConfig, as_zoom_config, merge_zoom_config
 from .crop_preprocess import CropPreprocessor
 from .decode import Decoder, DecodeRows, eos_ids
@@ -29,41 +29,14 @@ from .gate import DynamicGate
 from .images import roi_image_indices, source_image_groups
 from .outputs import ZoomOutput, ZoomPlan
 from .positions import RoiBatch, RoiSequence, roi_batch, roi_place, suffix_features
-from .roi import Crop, check_box, check_grid_aspect, check_source_image, crop_from_box, crop_from_heatmap, twig_region
+from .roi import Crop, check_source_image, crop_from_box, crop_from_heatmap, twig_region
+from .sample_output import Answer, Regions, sample_output
 from .spec import get_spec
 from .timing import stage
 from .trunk import Prefill, Trunk, inputs_on
 from .twig import TwigRPN
 from .vision_attention import selected_vision_attention, vision_attention_key
-
-# One lock per backbone: a call registers hooks on the model's layers and keeps decode buffers, so two
-# calls on the same model (through one QZoom or several) must not overlap. Weak keys: no model is kept alive.
-_MODEL_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
-_LOCKS_LOCK = threading.Lock()
-
-
-def _model_lock(model: nn.Module) -> threading.RLock:
-    with _LOCKS_LOCK:
-        lock = _MODEL_LOCKS.get(model)
-        if lock is None:
-            lock = _MODEL_LOCKS[model] = threading.RLock()
-        return lock
-
-
-def _check_max_new_tokens(n) -> None:
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
-        raise QZoomError(f"max_new_tokens must be a positive integer, got {n!r} ({type(n).__name__})")
-    if n < 1:
-        raise QZoomError(f"max_new_tokens must be at least 1, got {n}")
-
-
-@dataclass
-class _Regions:
-    """What the twig found for the zoom-wanting samples of a batch, keyed by batch row."""
-
-    heatmaps: dict[int, torch.Tensor]  # (h_t, w_t) twig logits
-    blurred: dict[int, torch.Tensor]  # (h_t, w_t) blurred foreground map
-    crops: dict[int, Crop]  # only rows with a non-empty mask or a caller's box: these zoom
+from .zoom_decision import zoom_decisions
 
 
 @dataclass
@@ -73,14 +46,6 @@ class _Group:
     rows: list[int]
     ready: DecodeRows
     layer_kwargs: dict
-
-
-@dataclass
-class _Answer:
-    """One row's greedy tokens and the logits of its first decoding step."""
-
-    tokens: list[int]
-    first_logits: torch.Tensor
 
 
 class QZoom:
@@ -110,24 +75,11 @@ class QZoom:
                 branch.check_backbone(self.spec)
         if twig is not None and gate is not None and twig.K != gate.K:
             raise QZoomError(f"twig (K={twig.K}) and gate (K={gate.K}) must branch at the same layer")
-        self._check_processor()
+        check_processor(self.processor, self.tokenizer, self.spec)
         self.config = config or ZoomConfig()
         self.decoder = Decoder(self.spec, self.trunk)
         self.crop_preprocessor = CropPreprocessor()
-        self._lock = _model_lock(model)
-
-    def _check_processor(self) -> None:
-        """A processor of another family writes another image placeholder token than the model reads."""
-        token, tok = getattr(self.processor, "image_token", None), self.tokenizer
-        if not isinstance(token, str) or tok is None or not hasattr(tok, "convert_tokens_to_ids"):
-            return
-        token_id = tok.convert_tokens_to_ids(token)
-        if isinstance(token_id, int) and token_id != self.spec.image_token_id:
-            raise QZoomError(
-                f"the processor ({type(self.processor).__name__}) marks images with {token!r} = id {token_id}, but "
-                f"this {self.spec.family} model expects image token id {self.spec.image_token_id}: the processor "
-                "belongs to another model; load the processor saved with this model"
-            )
+        self._lock = model_lock(model)
 
     @property
     def K(self) -> int:
@@ -195,19 +147,11 @@ class QZoom:
         live on the model), so one `QZoom` may be shared between threads; the calls then run one after the
         other, not in parallel.
         """
-        _check_max_new_tokens(max_new_tokens)
+        check_max_new_tokens(max_new_tokens)
         if self.processor is None:
             raise QZoomError("generate() needs a processor; use generate_from_inputs() with processed inputs")
         images = source_image_groups(images)
-        if isinstance(questions, str):
-            raise QZoomError("questions must be a list with one string per sample, e.g. [question]")
-        questions = list(questions)
-        if len(images) != len(questions):
-            raise QZoomError(f"got {len(images)} images for {len(questions)} questions")
-        if not images:
-            raise QZoomError("empty batch: pass at least one image and one question")
-        if not all(isinstance(q, str) for q in questions):
-            raise QZoomError("every question must be a string")
+        questions = check_questions(questions, len(images))
         with self._lock:
             inputs = self.spec.chat_inputs(self.processor, images, questions)
             return self.generate_from_inputs(inputs, images, max_new_tokens=max_new_tokens, return_trace=return_trace,
@@ -237,7 +181,7 @@ class QZoom:
 
         Serialized per model like `generate`.
         """
-        _check_max_new_tokens(max_new_tokens)
+        check_max_new_tokens(max_new_tokens)
         inputs, images, targets, boxes = self._checked_call(inputs, images, boxes, roi_image)
         with self._lock:
             return self._generate(inputs, images, targets, max_new_tokens, return_trace, force_zoom, boxes)
@@ -266,7 +210,7 @@ class QZoom:
             raise QZoomError("empty batch: inputs hold no samples")
         images = source_image_groups(images)
         targets = roi_image_indices(roi_image, images)
-        boxes = self._check_boxes(boxes, [group[t] for group, t in zip(images, targets)], inputs["input_ids"].shape[0])
+        boxes = check_boxes(boxes, [group[t] for group, t in zip(images, targets)], inputs["input_ids"].shape[0])
         return inputs_on(inputs, self.spec.embed_tokens.weight.device), images, targets, boxes  # CPU output, GPU model
 
     @torch.no_grad()
@@ -294,23 +238,6 @@ class QZoom:
         return [self._output(i, a, gate_prob, regions, answers.get("roi", {}), answers.get("direct", {}), roi_seqs,
                              return_trace, targets[i]) for i in range(B)]
 
-    @staticmethod
-    def _check_boxes(boxes, images, B: int) -> list | None:
-        """A caller's `boxes`: one entry per sample, each None or a box inside its source image (checked before
-        any model work)."""
-        if boxes is None:
-            return None
-        boxes = list(boxes) if hasattr(boxes, "__len__") and not isinstance(boxes, (str, bytes)) else None
-        if boxes is None or (boxes and all(isinstance(b, numbers.Real) for b in boxes)):
-            raise QZoomError("boxes must be a list with one entry per sample, None or (x1, y1, x2, y2) in source "
-                             "pixels: for one sample pass [box]")
-        if len(boxes) != B:
-            raise QZoomError(f"boxes has {len(boxes)} entries for a batch of {B}")
-        for i, (box, image) in enumerate(zip(boxes, images)):
-            if box is not None:
-                check_box(box, image.size, i)
-        return boxes
-
     # --- pass A: vision + layers 0..K-1 --------------------------------------------------
     def _pass_a(self, inputs, images, targets: list[int] | None = None) -> Prefill:
         """Pass A for `images` (per sample a source image or a list of them; `targets`: the RoI image of each,
@@ -325,17 +252,8 @@ class QZoom:
             if len(spans) != len(group):
                 raise QZoomError(f"sample {i} has {len(spans)} image(s) in the inputs but {len(group)} source "
                                  "image(s) were given; pass the sample's images as one list, in prompt order")
-        self._check_grids(a, images)
+        check_grids(self.spec, self.image_processor, a, images)
         return a
-
-    def _check_grids(self, a: Prefill, images) -> None:
-        """Each image grid must have its source image's aspect ratio (within rounding) where the spec says so."""
-        if not getattr(self.spec, "grid_keeps_aspect", False):
-            return
-        for i, (spans, group) in enumerate(zip(a.spans, images)):
-            for span, image in zip(spans, group):
-                check_grid_aspect(self.spec.token_grid(a.grid[span.row]),
-                                  self.spec.source_window(self.image_processor, image.size), i)
 
     # --- gate ----------------------------------------------------------------------------
     def _gate(self, a: Prefill) -> torch.Tensor | None:
@@ -345,27 +263,12 @@ class QZoom:
             return torch.sigmoid(self.gate.logits(self.spec, a.hK, a.kwargs, self.trunk))
 
     def _zoom_decisions(self, gate_prob, B: int, force_zoom=None, boxes=None) -> list[bool]:
-        """Per sample: `force_zoom` where given, else zoom where the caller gave a box, else the gate's decision."""
-        given = [b is not None for b in boxes] if boxes is not None else [False] * B
-        if force_zoom is not None:
-            if len(force_zoom) != B:
-                raise QZoomError(f"force_zoom has {len(force_zoom)} decisions for a batch of {B}")
-            if self.twig is None and any(z and not g for z, g in zip(force_zoom, given)):
-                raise QZoomError("force_zoom asks to zoom, but this QZoom has no twig to find the region (pass "
-                                 "boxes= for those samples)")
-            return [bool(z) for z in force_zoom]
-        if self.twig is None:
-            gated = [False] * B
-        elif gate_prob is None:
-            gated = [True] * B
-        else:
-            gated = (gate_prob >= self.config.gate_threshold).tolist()
-        return [g or z for g, z in zip(given, gated)]
+        return zoom_decisions(gate_prob, B, self.config.gate_threshold, self.twig is not None, force_zoom, boxes)
 
     # --- twig -> heatmap -> box -> crop (roi.py) -------------------------------------------------
-    def _twig_crops(self, a: Prefill, images, targets: list[int], want_zoom, boxes=None) -> _Regions:
+    def _twig_crops(self, a: Prefill, images, targets: list[int], want_zoom, boxes=None) -> Regions:
         """`images`: the RoI image of each sample (image `targets[i]` of sample i)."""
-        found = _Regions({}, {}, {})
+        found = Regions({}, {}, {})
         rows = [i for i, z in enumerate(want_zoom) if z]
         if not rows:
             return found
@@ -411,12 +314,12 @@ class QZoom:
         return DecodeRows.from_cache(first, mask, pos[:, :, -1], cache, len(self.spec.layers))
 
     # --- decode: every row of the batch in one loop --------------------------------------------
-    def _decode(self, groups: dict[str, _Group], max_new_tokens: int) -> dict[str, dict[int, _Answer]]:
+    def _decode(self, groups: dict[str, _Group], max_new_tokens: int) -> dict[str, dict[int, Answer]]:
         """Greedy tokens for every group's rows in one loop: {group name: {batch row: answer}}."""
         template = next(iter(groups.values())).layer_kwargs  # layer kwargs of a prefill: their form for this version
         tokens = iter(self.decoder.greedy([g.ready for g in groups.values()], max_new_tokens,
                                           eos_ids(self.model), template, self.config.decode))
-        return {name: {i: _Answer(next(tokens), g.ready.first[n]) for n, i in enumerate(g.rows)}
+        return {name: {i: Answer(next(tokens), g.ready.first[n]) for n, i in enumerate(g.rows)}
                 for name, g in groups.items()}
 
     # --- RoI path ------------------------------------------------------------------------------
@@ -456,51 +359,11 @@ class QZoom:
         return _Group(rows, self._finish(hK, kwargs, cache, lay.mask, lay.pos), kwargs), dict(zip(rows, lay.seqs))
 
     # --- per-sample output ---------------------------------------------------------------------
-    def _output(self, i, a: Prefill, gate_prob, regions: _Regions, roi: dict[int, _Answer],
-                direct: dict[int, _Answer], roi_seqs: dict[int, RoiSequence], return_trace,
+    def _output(self, i, a: Prefill, gate_prob, regions: Regions, roi: dict[int, Answer],
+                direct: dict[int, Answer], roi_seqs: dict[int, RoiSequence], return_trace,
                 roi_image: int) -> ZoomOutput:
-        zoomed = i in roi
-        d = direct.get(i)
-        r = roi.get(i)
-        answer = r if zoomed else d
-        seq = roi_seqs.get(i)
-        crop = regions.crops.get(i)
-        n_global = int((a.ids[i] == self.spec.image_token_id).sum())
-        n_roi = int((seq.ids == self.spec.image_token_id).sum()) - n_global if zoomed else 0  # ids hold both
-        out = ZoomOutput(
-            tokens=answer.tokens,
-            text=self._detokenize(answer.tokens),
-            zoomed=zoomed,
-            gate_prob=None if gate_prob is None else float(gate_prob[i]),
-            heatmap=regions.heatmaps.get(i),
-            bbox=crop.box_px if zoomed else None,
-            visual_tokens=n_global + n_roi,
-            direct_tokens=d.tokens if d else None,
-            roi_tokens=r.tokens if r else None,
-            direct_text=self._detokenize(d.tokens if d else None),
-            roi_image=roi_image,
-        )
-        if return_trace:
-            out.trace = {
-                "heatmap_logits": regions.heatmaps.get(i),
-                "blurred_map": regions.blurred.get(i),
-                "gate_prob": out.gate_prob,
-                "bbox_tokens": crop.box_tok if crop else None,
-                "bbox_pixels": crop.box_px if crop else None,
-                "roi_image_grid_thw": seq.grid.cpu() if zoomed else None,
-                "roi_input_ids": seq.ids.cpu() if zoomed else None,
-                "roi_position_ids": seq.pos.float().cpu() if zoomed else None,
-                "first_logits": answer.first_logits.cpu(),
-                "direct_first_logits": d.first_logits.cpu() if d else None,
-                "roi_image": roi_image,
-            }
-        return out
-
-    def _detokenize(self, tokens):
-        tok = self.tokenizer
-        if tokens is None or tok is None:
-            return None
-        return tok.decode(tokens, skip_special_tokens=True)
+        return sample_output(i, a.ids[i], self.spec.image_token_id, self.tokenizer, gate_prob, regions, roi, direct,
+                             roi_seqs, return_trace, roi_image)
 
     # --- save / load ---------------------------------------------------------------------------
     def save_pretrained(self, path):
