@@ -27,7 +27,7 @@ from .decode import Decoder, DecodeRows, eos_ids
 from .errors import QZoomError
 from .gate import DynamicGate
 from .images import roi_image_indices, source_image_groups
-from .outputs import ZoomOutput, ZoomPlan
+from .outputs import ZoomPlan
 from .positions import RoiBatch, RoiSequence, roi_batch, roi_place, suffix_features
 from .roi import Crop, check_source_image, crop_from_box, crop_from_heatmap, twig_region
 from .sample_output import Answer, Regions, sample_output
@@ -235,8 +235,9 @@ class QZoom:
         if direct_rows:  # layers K..L-1 on the same sequence
             groups["direct"] = self._direct_pass(a, direct_rows)
         answers = self._decode(groups, max_new_tokens)  # every row in one loop
-        return [self._output(i, a, gate_prob, regions, answers.get("roi", {}), answers.get("direct", {}), roi_seqs,
-                             return_trace, targets[i]) for i in range(B)]
+        roi, direct = answers.get("roi", {}), answers.get("direct", {})  # per-sample output (sample_output.py)
+        return [sample_output(i, a.ids[i], self.spec.image_token_id, self.tokenizer, gate_prob, regions, roi, direct,
+                              roi_seqs, return_trace, targets[i]) for i in range(B)]
 
     # --- pass A: vision + layers 0..K-1 --------------------------------------------------
     def _pass_a(self, inputs, images, targets: list[int] | None = None) -> Prefill:
@@ -357,13 +358,6 @@ class QZoom:
         embeds = torch.cat([a.embeds[sel, :C], suffix_embeds], dim=1)
         kwargs = self.trunk.layer_kwargs(embeds, lay.mask, lay.pos)
         return _Group(rows, self._finish(hK, kwargs, cache, lay.mask, lay.pos), kwargs), dict(zip(rows, lay.seqs))
-
-    # --- per-sample output ---------------------------------------------------------------------
-    def _output(self, i, a: Prefill, gate_prob, regions: Regions, roi: dict[int, Answer],
-                direct: dict[int, Answer], roi_seqs: dict[int, RoiSequence], return_trace,
-                roi_image: int) -> ZoomOutput:
-        return sample_output(i, a.ids[i], self.spec.image_token_id, self.tokenizer, gate_prob, regions, roi, direct,
-                             roi_seqs, return_trace, roi_image)
 
     # --- save / load ---------------------------------------------------------------------------
     def save_pretrained(self, path):
