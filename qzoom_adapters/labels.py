@@ -48,6 +48,36 @@ def padding_cells(image_size: tuple[int, int], grid: tuple[int, int]) -> torch.T
     return ~cells_inside((0, 0, W, H), image_size, grid)
 
 
+def _overlap(n_out: int, out_span: tuple[float, float], n_in: int, in_extent: float) -> torch.Tensor:
+    """(n_out, n_in): the share of input cell j (of n_in equal cells over [0, in_extent)) that lies in output
+    cell i (of n_out equal cells over `out_span`)."""
+    lo, hi = out_span
+    o = torch.linspace(lo, hi, n_out + 1, dtype=torch.float64)
+    e = torch.linspace(0.0, in_extent, n_in + 1, dtype=torch.float64)
+    inter = (torch.minimum(o[1:, None], e[None, 1:]) - torch.maximum(o[:-1, None], e[None, :-1])).clamp(min=0)
+    return inter / (in_extent / n_in)
+
+
+def map_to_view(attn: torch.Tensor, image_size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
+    """A map on the square-padded label grid (SPEC §4.1) moved onto the (h, w) grid of the unpadded view.
+
+    Each label cell's value is shared out over the view cells by overlapping area (a sum, so attention mass is
+    kept); the padding's mass has no view cell and is dropped. The view spans the whole image (W, H), pasted at
+    the centre of the square of side max(W, H), as `cells_inside` places it.
+    """
+    A = _check_map(attn, "map")
+    W, H = (int(v) for v in image_size)
+    h, w = (int(v) for v in grid)
+    if min(W, H, h, w) < 1:
+        raise QZoomError(f"need positive sizes, got image_size={image_size}, grid={grid}")
+    side = max(W, H)
+    ox, oy = (side - W) // 2, (side - H) // 2
+    gy, gx = A.shape
+    ry = _overlap(h, (oy, oy + H), gy, side)
+    rx = _overlap(w, (ox, ox + W), gx, side)
+    return (ry @ A.double() @ rx.T).float()
+
+
 def tristate_labels(grounding, sink=None, padding=None, *, sink_threshold=0.01, fg_ratio=0.25, bg_ratio=0.05,
                     max_box_fraction=0.5, min_peak=5e-3, blur_kernel=3, blur_sigma=1.0) -> TriState:
     """Tri-state labels from grounding map A, optional sink map S and optional padding mask (all (h, w))."""
@@ -107,4 +137,4 @@ def _check_map(x, name: str, shape: tuple[int, int] | None = None) -> torch.Tens
     return x
 
 
-__all__ = ["TriState", "padding_cells", "tristate_labels"]
+__all__ = ["TriState", "map_to_view", "padding_cells", "tristate_labels"]

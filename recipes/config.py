@@ -91,6 +91,13 @@ class LabelRules(_Section):
     require_correct: bool = False
 
 
+def distinct_budgets(v: list[int] | None) -> list[int] | None:
+    """None, or distinct visual-token counts of at least 1."""
+    if v is not None and (not v or any(b < 1 for b in v) or len(set(v)) != len(v)):
+        raise ValueError(f"budgets must be distinct visual-token counts of at least 1 (got {v}); e.g. [64, 128, 256]")
+    return v
+
+
 class Stage1Section(_Section):
     """`qzoom train stage1`: the twig on the pseudo-labels; only layers < K and the twig run."""
 
@@ -99,7 +106,17 @@ class Stage1Section(_Section):
     records: str | None = None  # default: the records of `labels_stage1`
     init_adapters: str | None = None  # stage 2.5: continue from these adapters instead of copying layers
     rules: LabelRules = Field(default_factory=LabelRules)
+    # beyond SPEC: visual-token budgets the twig is trained at. Each sample draws one per epoch (fixed by seed,
+    # epoch and index) and is seen as at inference (the processor's own aspect-keeping view at that budget, no
+    # square padding); the teacher's maps move onto that view's grid (`map_to_view`: area shares, mass kept) and
+    # the tri-state rules apply there. None: the label grid's square view (SPEC §4.1-4.2)
+    budgets: list[int] | None = None
     train: TrainSection = Field(default_factory=TrainSection)
+
+    @field_validator("budgets")
+    @classmethod
+    def _distinct_budgets(cls, v):
+        return distinct_budgets(v)
 
 
 class MineSection(_Section):
@@ -154,10 +171,8 @@ class Stage2Section(_Section):
 
     @field_validator("budgets")
     @classmethod
-    def _positive_budgets(cls, v):
-        if v is not None and (not v or any(b < 1 for b in v) or len(set(v)) != len(v)):
-            raise ValueError(f"budgets must be distinct visual-token counts of at least 1 (got {v}); e.g. [64, 128, 256]")
-        return v
+    def _distinct_budgets(cls, v):
+        return distinct_budgets(v)
 
 
 class LabelsStage3Section(_Section):

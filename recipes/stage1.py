@@ -9,7 +9,7 @@ from torch import nn
 from qzoom_adapters.config import ZoomConfig
 from qzoom_adapters.errors import QZoomError
 from qzoom_adapters.io import load_adapters
-from qzoom_adapters.labels import IGNORE, padding_cells, tristate_labels
+from qzoom_adapters.labels import IGNORE, map_to_view, padding_cells, tristate_labels
 from qzoom_adapters.losses import selective_bce
 from qzoom_adapters.pipeline import QZoom
 from qzoom_adapters.spec import get_spec
@@ -18,6 +18,7 @@ from qzoom_adapters.twig import TwigRPN
 
 from .config import LabelsStage1Section, RecipeConfig
 from .data import fixed_grid_view, load_image, read_records
+from .gate_labels import item_rng
 from .judge import RuleJudge
 from .label_store import LabelStore, LabelWriter, changed_records, record_digest, refuse_changed, weights_fingerprint
 from .models import batch_to, freeze, load_backbone
@@ -101,9 +102,14 @@ def make_stage1_labels(cfg: RecipeConfig, show_progress: bool = True) -> dict:
 
 # --- training the twig ----------------------------------------------------------------------
 class Stage1Dataset(torch.utils.data.Dataset):
-    """Records with stored maps; labels are computed on access with the configured rules."""
+    """Records with stored maps; labels are computed on access with the configured rules.
 
-    def __init__(self, records, store: LabelStore, spec, rules):
+    Without `budgets` a sample is the label grid's square view with its labels (SPEC §4.2). With `budgets` it
+    draws one per (epoch, index) and is the image's own view at that budget; its maps travel with it and become
+    labels on that view's grid in `Stage1Collate`, once the processor has fixed the grid.
+    """
+
+    def __init__(self, records, store: LabelStore, spec, rules, budgets: list[int] | None = None, seed: int = 0):
         self.records = [r for r in records if r.id in store]
         if not self.records:
             raise QZoomError(f"none of the records has labels in {store.folder}")
@@ -115,30 +121,65 @@ class Stage1Dataset(torch.utils.data.Dataset):
                 raise QZoomError(f"rules.require_correct: the teacher answered none of the {labelled} labelled records "
                                  "correctly; label more records or turn the rule off")
         self.store, self.spec, self.rules = store, spec, rules
-        self.thresholds = rules.model_dump(exclude={"require_correct"})
+        self.thresholds = label_thresholds(rules)
         self.grid = int(store.settings["grid"])
+        self.budgets, self.seed = budgets, seed
+        if budgets:
+            for b in budgets:
+                spec.budget_pixels(b)  # a backbone without budgets (LLaVA's fixed grid) refuses here, not mid-run
 
     def __len__(self):
         return len(self.records)
 
     def __getitem__(self, i):
+        return self.get(i, 0)
+
+    def get(self, i: int, epoch: int) -> dict:
         rec = self.records[i]
         A, S = self.store.maps(rec.id)
         image = load_image(rec)
+        if self.budgets:
+            budget = item_rng(self.seed, epoch, i).choice(self.budgets)
+            return {"view": image, "pixels": self.spec.budget_pixels(budget), "question": rec.question,
+                    "maps": (A, S), "image_size": image.size}
         pad = padding_cells(image.size, A.shape)
         tri = tristate_labels(A, S, pad, **self.thresholds)
         view, pixels = fixed_grid_view(self.spec, image, self.grid)
         return {"view": view, "pixels": pixels, "question": rec.question, "labels": tri.labels, "valid": tri.valid}
 
 
+def label_thresholds(rules) -> dict:
+    """The keyword arguments of `tristate_labels` that a recipe's `rules` set."""
+    return rules.model_dump(exclude={"require_correct"})
+
+
 class Stage1Collate:
-    def __init__(self, spec, processor):
-        self.spec, self.processor = spec, processor
+    """A micro-batch as one group per pixel budget (a processor call encodes at one budget), in increasing order;
+    each group's `labels` is a list of (h_t, w_t) maps, one per sample."""
+
+    def __init__(self, spec, processor, thresholds: dict | None = None):
+        self.spec, self.processor, self.thresholds = spec, processor, thresholds or {}
 
     def __call__(self, items):
-        inputs = self.spec.chat_inputs(self.processor, [it["view"] for it in items],
-                                       [it["question"] for it in items], pixels=items[0]["pixels"])
-        return {"inputs": inputs, "labels": torch.stack([it["labels"] for it in items])}
+        by_pixels: dict = {}
+        for it in items:
+            by_pixels.setdefault(it["pixels"], []).append(it)
+        return [self._group(by_pixels[p], p) for p in sorted(by_pixels, key=lambda p: (p is not None, p or 0))]
+
+    def _group(self, items, pixels):
+        spec = self.spec
+        inputs = spec.chat_inputs(self.processor, [it["view"] for it in items], [it["question"] for it in items],
+                                  pixels=pixels)
+        grids = spec.image_grids(inputs)
+        labels = []
+        for j, it in enumerate(items):
+            if "labels" in it:
+                labels.append(it["labels"])
+                continue
+            grid = spec.token_grid(grids[j])
+            A, S = (map_to_view(m, it["image_size"], grid) for m in it["maps"])
+            labels.append(tristate_labels(A, S, None, **self.thresholds).labels)
+        return {"inputs": inputs, "labels": labels}
 
 
 class TwigObjective(nn.Module):
@@ -151,20 +192,28 @@ class TwigObjective(nn.Module):
         self.trunk = Trunk(get_spec(model))
 
     @staticmethod
-    def loss_terms(batch) -> int:
+    def loss_terms(groups) -> int:
         """Valid (non-ignored) cells: the loss is their mean over the whole effective batch (SPEC §4.2)."""
-        return int((batch["labels"] != IGNORE).sum())
+        return sum(int((lab != IGNORE).sum()) for g in groups for lab in g["labels"])
 
-    def forward(self, batch):
+    def forward(self, groups):
+        """The mean BCE over every valid cell of the micro-batch, whatever grid each sample has."""
         spec = self.trunk.spec
         dev = next(self.twig.parameters()).device
-        inputs = batch_to(batch["inputs"], dev)
-        with torch.no_grad():
-            a = self.trunk.prefill(inputs, self.twig.K)
-        first = a.mask.argmax(dim=1)
-        scores, _ = self.twig.query_scores(spec, a.hK, a.kwargs, self.trunk, first)
-        logits = torch.stack(a.image_logits(scores, spec))
-        return selective_bce(logits, batch["labels"].to(dev))
+        logits, labels = [], []
+        for g in groups:
+            inputs = batch_to(g["inputs"], dev)
+            with torch.no_grad():
+                a = self.trunk.prefill(inputs, self.twig.K)
+            first = a.mask.argmax(dim=1)
+            scores, _ = self.twig.query_scores(spec, a.hK, a.kwargs, self.trunk, first)
+            for m, lab in zip(a.image_logits(scores, spec), g["labels"]):
+                if tuple(m.shape) != tuple(lab.shape):
+                    raise QZoomError(f"a sample's labels have shape {tuple(lab.shape)} but its image has a "
+                                     f"{tuple(m.shape)} token grid")
+                logits.append(m.flatten())
+                labels.append(lab.to(dev).flatten())
+        return selective_bce(torch.cat(logits), torch.cat(labels))
 
 
 def build_twig(model, cfg: RecipeConfig, init_adapters: str | None) -> TwigRPN:
@@ -196,12 +245,12 @@ def train_stage1(cfg: RecipeConfig, stop_after: int | None = None) -> dict:
     records = read_records(sec.records or cfg.section("labels_stage1").records)
     refuse_changed(store.folder, changed_records(store.manifest, {r.id: record_digest(r) for r in records
                                                                   if r.id in store}))
-    dataset = Stage1Dataset(records, store, spec, sec.rules)
+    dataset = Stage1Dataset(records, store, spec, sec.rules, sec.budgets, sec.train.seed)
     twig = build_twig(model, cfg, sec.init_adapters).to(model.device)
     objective = TwigObjective(model, twig)
 
     def save(module, out):
         save_zoom(model, processor, out, twig=module.twig.to(model.dtype))
 
-    return Trainer(objective, dataset, Stage1Collate(spec, processor), sec.train, sec.out, save,
+    return Trainer(objective, dataset, Stage1Collate(spec, processor, dataset.thresholds), sec.train, sec.out, save,
                    stop_after=stop_after, find_unused_parameters=True, settings=cfg.run_settings("stage1")).train()

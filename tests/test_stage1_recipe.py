@@ -325,8 +325,10 @@ def test_training_step_runs_only_layers_below_K_and_the_twig(tmp_path):
     objective = TwigObjective(model, twig)
     dataset = Stage1Dataset(records, LabelStore(store), spec, cfg.stage1.rules)
     batch = Stage1Collate(spec, processor)([dataset[i] for i in range(4)])
-    assert batch["labels"].shape == (4, cfg.labels_stage1.grid, cfg.labels_stage1.grid)
-    assert (batch["labels"] == 1).any() and (batch["labels"] == 0).any()
+    assert len(batch) == 1  # one pixel budget: one group
+    labels = torch.stack(batch[0]["labels"])
+    assert labels.shape == (4, cfg.labels_stage1.grid, cfg.labels_stage1.grid)
+    assert (labels == 1).any() and (labels == 0).any()
     spec = get_spec(model)
     K = cfg.K
     fired = []

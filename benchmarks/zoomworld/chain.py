@@ -7,7 +7,8 @@ Steps (each one a recipe command; a step whose output is complete is skipped, so
    with the plate's box), the stage-2/3 pools and `recipe.yaml`;
 2. `qzoom heads` on the candidate layers: the natural-mode grounding heads. The records' ground-truth
    boxes **select** the heads (the lift ranking); no sink heads are used;
-3. `qzoom labels stage1` with those heads, `qzoom train stage1` (the twig);
+3. `qzoom labels stage1` with those heads, `qzoom train stage1` (the twig; `--stage1-budgets` trains it on the
+   views it runs on, `stage1.budgets`);
 4. `qzoom labels stage3` at 64-1024 tokens, `qzoom train stage3` (the gate, the twig beside it);
 5. the default folder: the model, the adapters in bf16, the recipe and the logs under `training/`;
 6. on **validation** questions only: `roi_threshold` (forced zoom, detail questions at the Q-Zoom budgets:
@@ -137,7 +138,7 @@ def assemble(model_dir: Path, adapters: Path, out: Path, run: Path) -> Path:
 
 def run_chain(model_dir, out, n: int = 256, n_gate: int = 300, n_val: int = 96, grid: int = 16,
               layers: str = "1,2,3,4,5,6,7", top: int = 4, batch_size: int = 8,
-              heads_limit: int | None = None, workers: int = 0) -> dict:
+              heads_limit: int | None = None, workers: int = 0, stage1_budgets: list[int] | None = None) -> dict:
     from .recipe import write_setup
 
     model_dir, run = Path(model_dir).resolve(), Path(out)
@@ -160,6 +161,13 @@ def run_chain(model_dir, out, n: int = 256, n_gate: int = 300, n_val: int = 96, 
         return {"natural_pairs": pairs}
 
     step("heads", heads)
+    recipe = yaml.safe_load(Path(cfg).read_text())
+    if recipe["stage1"].get("budgets") != stage1_budgets:  # the twig's training views (None: the label grid's)
+        if (run / "stage1").exists():
+            raise SystemExit(f"{run}: its stage 1 was trained with budgets {recipe['stage1'].get('budgets')}, "
+                             f"not {stage1_budgets}; use a new --out")
+        recipe["stage1"]["budgets"] = stage1_budgets
+        Path(cfg).write_text(yaml.safe_dump(recipe, sort_keys=False))
     step("labels_stage1", lambda: _cli("labels", "stage1", "--config", cfg))
     step("train_stage1", lambda: _cli("train", "stage1", "--config", cfg), _done(run / "stage1"))
     step("labels_stage3", lambda: _cli("labels", "stage3", "--config", cfg))
@@ -177,6 +185,13 @@ def _to_device(zoom) -> None:
             module.to("cuda", torch.bfloat16)
 
 
+def _budgets(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token counts such as 64,128,256, got {text!r}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a ZoomWorld model folder (HF format)")
@@ -189,13 +204,16 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=4, help="grounding heads to keep")
     p.add_argument("--batch-size", type=int, default=8, help="training batch of stages 1-3 (the shipped run: 8)")
     p.add_argument("--heads-limit", type=int, help="stage-1 records `qzoom heads` ranks on (default: all)")
+    p.add_argument("--stage1-budgets", type=_budgets, default=None,
+                   help="visual-token budgets to train the twig at, e.g. 64,128,256 (stage1.budgets; default: the "
+                        "label grid's square view, SPEC 4.2)")
     p.add_argument("--workers", type=int, default=0,
                    help="processes that draw the scenes and load the stage-1 and training data (0: none)")
     args = p.parse_args(argv)
     if not (Path(args.model) / "config.json").is_file():
         raise SystemExit(f"--model {args.model}: no config.json there (a saved ZoomWorld model folder is needed)")
     log = run_chain(args.model, args.out, args.n, args.n_gate, args.n_val, args.grid, args.layers, args.top,
-                    args.batch_size, args.heads_limit, args.workers)
+                    args.batch_size, args.heads_limit, args.workers, args.stage1_budgets)
     print(json.dumps({k: log[k] for k in ("chosen",)}, indent=1))
     return 0
 

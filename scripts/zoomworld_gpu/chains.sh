@@ -4,7 +4,8 @@
 # then `post_sft.compare` of the shipped default and each finished variant on the same validation questions.
 # Brings back under $OUT: chains.tar.gz (each variant's chain.json, heads.json, recipe.yaml and default folder
 # without the model, which is the shipped one), compare.json and log.txt. Variants are "name:n:n_gate:grid:batch"
-# with an optional ":workers" (processes that draw scenes and load data; default $WORKERS, else 0):
+# with an optional ":workers" (processes that draw scenes and load data; default $WORKERS, else 0) and then
+# an optional ":budgets" (comma-separated: the twig's training budgets, `--stage1-budgets`):
 #
 #   git archive -o .zw/src.tar HEAD   # here; then on the device (carry .zw and .whl):
 #   OMP_NUM_THREADS=4 VARIANTS="a:2048:900:16:32 b:2048:900:12:32" bash scripts/zoomworld_gpu/chains.sh
@@ -16,11 +17,11 @@ MODEL=benchmarks/zoomworld/default/model
 mkdir -p "$RUN" "$OUT"
 names=()
 for v in ${VARIANTS:-a:2048:900:16:32}; do
-  IFS=: read -r name n ngate grid batch workers <<<"$v"
+  IFS=: read -r name n ngate grid batch workers budgets <<<"$v"
   names+=("$name")
   (timeout "${CHAIN_SECONDS:-480}" python3 -m qzoom_adapters.benchmarks.zoomworld.chain --model "$MODEL" \
      --out "$RUN/$name" --n "$n" --n-gate "$ngate" --grid "$grid" --batch-size "$batch" \
-     --workers "${workers:-${WORKERS:-0}}" --heads-limit "${HEADS_LIMIT:-256}" --n-val "${N_VAL:-96}" 2>&1 \
+     --workers "${workers:-${WORKERS:-0}}" ${budgets:+--stage1-budgets "$budgets"} --heads-limit "${HEADS_LIMIT:-256}" --n-val "${N_VAL:-96}" 2>&1 \
      | tr '\r' '\n' | grep --line-buffered -v -e 'it/s\]$' -e 's/it\]$' -e '^\s*$' -e 'Loading weights' \
      > "$OUT/log_$name.txt" || true) &
 done
