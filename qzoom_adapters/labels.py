@@ -21,18 +21,23 @@ class TriState:
     peak: float  # m = max g
 
 
+def _square_layout(image_size, grid) -> tuple[int, int, int, int, int, int, int]:
+    """(W, H, h, w, side, ox, oy): the image pasted at the centre of a square of side max(W, H) at offset (ox, oy)."""
+    W, H = (int(v) for v in image_size)
+    h, w = (int(v) for v in grid)
+    if min(W, H, h, w) < 1:
+        raise QZoomError(f"need positive sizes, got image_size={image_size}, grid={grid}")
+    side = max(W, H)
+    return W, H, h, w, side, (side - W) // 2, (side - H) // 2
+
+
 def cells_inside(rect, image_size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
     """(h, w) bool: cells of the square-padded view whose centre lies inside `rect` (x1, y1, x2, y2, source px).
 
     The source image (W, H) is pasted at the centre of a square of side max(W, H) (LLaVA's expand2square,
     offset (side-W)//2, (side-H)//2) and that square is resized onto the (h, w) grid.
     """
-    W, H = (int(v) for v in image_size)
-    h, w = (int(v) for v in grid)
-    if min(W, H, h, w) < 1:
-        raise QZoomError(f"need positive sizes, got image_size={image_size}, grid={grid}")
-    side = max(W, H)
-    ox, oy = (side - W) // 2, (side - H) // 2
+    W, H, h, w, side, ox, oy = _square_layout(image_size, grid)
     x1, y1, x2, y2 = (int(v) for v in rect)
     # Centre of cell j in square pixels is (2j+1)*side/(2w); compare in integers so edges are exact.
     cx2 = (2 * torch.arange(w) + 1) * side  # = 2w * centre
@@ -66,12 +71,7 @@ def map_to_view(attn: torch.Tensor, image_size: tuple[int, int], grid: tuple[int
     the centre of the square of side max(W, H), as `cells_inside` places it.
     """
     A = _check_map(attn, "map")
-    W, H = (int(v) for v in image_size)
-    h, w = (int(v) for v in grid)
-    if min(W, H, h, w) < 1:
-        raise QZoomError(f"need positive sizes, got image_size={image_size}, grid={grid}")
-    side = max(W, H)
-    ox, oy = (side - W) // 2, (side - H) // 2
+    W, H, h, w, side, ox, oy = _square_layout(image_size, grid)
     gy, gx = A.shape
     ry = _overlap(h, (oy, oy + H), gy, side)
     rx = _overlap(w, (ox, ox + W), gx, side)

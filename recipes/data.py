@@ -177,6 +177,15 @@ def fixed_grid_view(spec, image: Image.Image, grid: int) -> tuple[Image.Image, i
     return square.resize((side, side), Image.BICUBIC), pixels
 
 
+def by_budget(items: list[dict], key: str) -> list[tuple]:
+    """(value, items) per distinct `items[i][key]` (a budget or its pixels), None first, then increasing: a
+    processor call encodes at one budget, so a micro-batch is encoded once per group."""
+    groups: dict = {}
+    for it in items:
+        groups.setdefault(it.get(key), []).append(it)
+    return [(v, groups[v]) for v in sorted(groups, key=lambda v: (v is not None, v or 0))]
+
+
 def chunks(items: list, size: int):
     for i in range(0, len(items), size):
         yield items[i : i + size]

@@ -17,7 +17,7 @@ from qzoom_adapters.trunk import Trunk
 from qzoom_adapters.twig import TwigRPN
 
 from .config import LabelsStage1Section, RecipeConfig
-from .data import fixed_grid_view, load_image, read_records
+from .data import by_budget, fixed_grid_view, load_image, read_records
 from .gate_labels import item_rng
 from .judge import RuleJudge
 from .label_store import LabelStore, LabelWriter, changed_records, record_digest, refuse_changed, weights_fingerprint
@@ -161,10 +161,7 @@ class Stage1Collate:
         self.spec, self.processor, self.thresholds = spec, processor, thresholds or {}
 
     def __call__(self, items):
-        by_pixels: dict = {}
-        for it in items:
-            by_pixels.setdefault(it["pixels"], []).append(it)
-        return [self._group(by_pixels[p], p) for p in sorted(by_pixels, key=lambda p: (p is not None, p or 0))]
+        return [self._group(its, p) for p, its in by_budget(items, "pixels")]
 
     def _group(self, items, pixels):
         spec = self.spec

@@ -18,7 +18,7 @@ from qzoom_adapters.spec import VisualFeatures
 from qzoom_adapters.trunk import Trunk
 
 from .config import RecipeConfig
-from .data import JsonlAppender, SampleRecord, chunks, load_image, read_jsonl, read_records, read_rows, write_jsonl
+from .data import JsonlAppender, SampleRecord, by_budget, chunks, load_image, read_jsonl, read_records, read_rows, write_jsonl
 from .gate_labels import item_rng
 from .judge import JudgeItem, make_judge
 from .models import batch_to, freeze, load_backbone
@@ -125,10 +125,7 @@ class Stage2Collate:
         self.spec, self.processor, self.eos_id = spec, processor, eos_id
 
     def __call__(self, items):
-        by_budget: dict = {}
-        for it in items:
-            by_budget.setdefault(it.get("budget"), []).append(it)
-        groups = [self._group(by_budget[b], b) for b in sorted(by_budget, key=lambda b: (b is not None, b or 0))]
+        groups = [self._group(its, b) for b, its in by_budget(items, "budget")]
         return groups[0] if len(groups) == 1 else groups
 
     def _group(self, items, budget):

@@ -72,9 +72,7 @@ def _setup(tmp_path, family="qwen2_5_vl", n=8, extra=()):
         A[y, x] = 0.5
         writer.add(rec.id, A, torch.zeros_like(A), {"mode": rec.mode})
     writer.flush()
-    over = [f"stage1.labels={folder}", f"stage1.out={root / 'out'}", "stage1.train.batch_size=4",
-            "stage1.train.effective_batch=4", "stage1.train.lr=1e-3", "stage1.train.warmup_ratio=0",
-            f"stage1.budgets=[{','.join(map(str, BUDGETS))}]", *extra]
+    over = [*_overrides(folder, BUDGETS), f"stage1.out={root / 'out'}", *extra]
     return root, load_config(root / "recipe.yaml", over), records, LabelStore(folder)
 
 
@@ -123,7 +121,8 @@ def test_training_at_budgets_resumes_to_the_same_twig_and_loads(tmp_path):
     root, cfg, _, _ = _setup(tmp_path, extra=steps)
     summary = train_stage1(cfg)
     assert summary["step"] == 4 and summary["finished"] and math.isfinite(summary["final_loss"])
-    cfg_b = load_config(root / "recipe.yaml", [*_overrides(cfg), f"stage1.out={root / 'out_b'}", *steps])
+    cfg_b = load_config(root / "recipe.yaml", [*_overrides(cfg.stage1.labels, cfg.stage1.budgets),
+                                               f"stage1.out={root / 'out_b'}", *steps])
     assert not train_stage1(cfg_b, stop_after=2)["finished"]  # stopped, then the same command again
     assert train_stage1(cfg_b)["finished"]
     model, processor, _ = load_backbone(cfg.model)
@@ -134,9 +133,9 @@ def test_training_at_budgets_resumes_to_the_same_twig_and_loads(tmp_path):
     assert any(not torch.equal(a[k], c[k].to(a[k].dtype)) for k in a)  # it trained
 
 
-def _overrides(cfg) -> list[str]:
-    return [f"stage1.labels={cfg.stage1.labels}", "stage1.train.batch_size=4", "stage1.train.effective_batch=4",
-            "stage1.train.lr=1e-3", "stage1.train.warmup_ratio=0", f"stage1.budgets={cfg.stage1.budgets}"]
+def _overrides(labels, budgets) -> list[str]:
+    return [f"stage1.labels={labels}", "stage1.train.batch_size=4", "stage1.train.effective_batch=4",
+            "stage1.train.lr=1e-3", "stage1.train.warmup_ratio=0", f"stage1.budgets=[{','.join(map(str, budgets))}]"]
 
 
 def test_budgets_are_refused_where_they_cannot_work(tmp_path):
