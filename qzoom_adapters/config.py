@@ -32,6 +32,9 @@ class ZoomConfig(_Tolerant):
         0.15, ge=-1.0, le=2.0, allow_inf_nan=False,
         description="threshold on the blurred foreground map (which lies in [0, 1]): below 0 keeps the whole grid, "
         "1 or above never finds a box; NaN and values outside [-1, 2] (e.g. a percentage) are refused")
+    roi_region: Literal["union", "largest"] = Field(
+        "union", description="the cells the box is drawn around: all above roi_threshold (SPEC), or only their "
+        "8-connected component with the largest blurred mass (SPEC's optional extension)")
     min_crop_px: int = Field(28, ge=1)
     blur_kernel: int = Field(3, ge=1)
     blur_sigma: float = Field(1.0, gt=0.0)

@@ -52,6 +52,37 @@ def token_box(mask: torch.Tensor) -> tuple[int, int, int, int] | None:
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
+def components(mask: torch.Tensor) -> torch.Tensor:
+    """Labels (h, w) of the 8-connected components of a boolean mask: 0 off the mask, else 1..n (each
+    component's label is one more than the smallest flat index among its cells)."""
+    h, w = mask.shape
+    flat = torch.arange(1, h * w + 1, dtype=torch.float32, device=mask.device).view(h, w)
+    big = float(h * w + 1)
+    label = torch.where(mask, flat, torch.full_like(flat, big))
+    while True:  # each pass spreads the smallest label one cell further (at most h*w passes)
+        spread = -F.max_pool2d(-label[None, None], 3, stride=1, padding=1)[0, 0]
+        new = torch.where(mask, torch.minimum(label, spread), label)
+        if torch.equal(new, label):
+            break
+        label = new
+    return torch.where(mask, label, torch.zeros_like(label)).long()
+
+
+def region_mask(blurred: torch.Tensor, roi_threshold: float, region: str = "union") -> torch.Tensor:
+    """The cells the box is drawn around: every cell above `roi_threshold` (SPEC §2 step 5, "union"), or only
+    the 8-connected component of them with the largest blurred mass ("largest"; SPEC's optional extension, so a
+    stray cell far from the peak does not stretch the box over the image)."""
+    mask = blurred > roi_threshold
+    if region == "union" or not bool(mask.any()):
+        return mask
+    if region != "largest":
+        raise QZoomError(f"roi_region must be 'union' or 'largest', got {region!r}")
+    label = components(mask)
+    ids = torch.unique(label[mask])
+    mass = torch.stack([blurred[label == i].sum() for i in ids])
+    return label == ids[int(torch.argmax(mass))]
+
+
 def _grow_side(lo: float, hi: float, limit: float, min_side: float) -> tuple[float, float]:
     if hi - lo < min_side:
         c = (lo + hi) / 2.0
@@ -85,17 +116,19 @@ def box_to_pixels(box_tok, grid_hw, image_wh, min_side: int = 28, window=None) -
     return int(px1), int(py1), int(px2), int(py2)
 
 
-def roi_from_heatmap(logits: torch.Tensor, sink: torch.Tensor, roi_threshold: float, kernel: int, sigma: float):
-    """(h, w) twig logits -> (blurred map, token box or None)."""
+def roi_from_heatmap(logits: torch.Tensor, sink: torch.Tensor, roi_threshold: float, kernel: int, sigma: float,
+                     region: str = "union"):
+    """(h, w) twig logits -> (blurred map, token box or None); `region` as for `region_mask`."""
     prob = torch.sigmoid(logits.float()) * sink.to(device=logits.device, dtype=torch.float32)
     blurred = gaussian_blur(prob, kernel, sigma)
-    return blurred, token_box(blurred > roi_threshold)
+    return blurred, token_box(region_mask(blurred, roi_threshold, region))
 
 
 def twig_region(spec, logits: torch.Tensor, first_map, cfg) -> tuple[torch.Tensor, tuple | None]:
     """(h_t, w_t) twig logits -> (blurred map, token box clipped to the grid, or None for an empty mask)."""
     sink = spec.sink_mask(*logits.shape, first_token_scores=first_map)
-    blur, box = roi_from_heatmap(logits, sink, cfg.roi_threshold, cfg.blur_kernel, cfg.blur_sigma)
+    blur, box = roi_from_heatmap(logits, sink, cfg.roi_threshold, cfg.blur_kernel, cfg.blur_sigma,
+                                 cfg.roi_region)
     return blur, None if box is None else clip_box_to_grid(box, logits.shape)
 
 
@@ -193,6 +226,6 @@ def clip_box_to_grid(box_tok, grid_hw):
     return max(0, x1), max(0, y1), min(w_t, x2), min(h_t, y2)
 
 
-__all__ = ["Crop", "gaussian_blur", "token_box", "box_to_pixels", "roi_from_heatmap", "check_source_image",
-           "check_grid_aspect", "clip_box_to_grid", "twig_region", "crop_tokens", "crop_from_heatmap", "check_box",
+__all__ = ["Crop", "gaussian_blur", "token_box", "components", "region_mask", "box_to_pixels", "roi_from_heatmap",
+           "check_source_image", "check_grid_aspect", "clip_box_to_grid", "twig_region", "crop_tokens", "crop_from_heatmap", "check_box",
            "pixels_to_token_box", "crop_from_box"]

@@ -197,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "(default: the adapters' saved value)")
     i.add_argument("--roi-threshold", type=float, help="heatmap level that bounds the crop box (default: the "
                                                         "adapters' saved value)")
+    i.add_argument("--roi-region", choices=["union", "largest"],
+                   help="cells the box is drawn around: all above the threshold, or only their largest connected "
+                        "component (default: the adapters' saved value)")
     i.add_argument("--position-mode", choices=["aligned", "sequential"],
                    help="positions of the crop's tokens (default: the adapters' saved value, else the backbone's)")
     i.add_argument("--budget", type=int, help="visual tokens of the global view, and of the crop (min = max pixels "

@@ -131,6 +131,7 @@ class MineSection(_Section):
     target: Literal["response", "ground_truth"] = "response"
     keep: Literal["regressions", "zoomed"] = "regressions"  # zoomed: every sample that got a crop (RoI-SFT)
     roi_threshold: float = 0.15
+    roi_region: Literal["union", "largest"] = "union"  # ZoomConfig.roi_region
     batch_size: int = 8
     max_new_tokens: int = 32
 
@@ -152,6 +153,7 @@ class Stage2Section(_Section):
     dtype: Literal["float32", "bfloat16"] = "float32"  # lr 1e-6 updates vanish in bf16 weights: keep fp32 masters
     position_mode: Literal["aligned", "sequential"] | None = None  # None: the backbone's default (aligned)
     roi_threshold: float = 0.15
+    roi_region: Literal["union", "largest"] = "union"  # ZoomConfig.roi_region
     box_noise: float = Field(0.8, ge=0.0, le=1.0)
     box_noise_sides: tuple[float, float] = (0.1, 0.6)
     lora: LoraSection | None = None

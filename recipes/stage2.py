@@ -42,7 +42,8 @@ def mine(cfg: RecipeConfig, show_progress: bool = True) -> dict:
         raise QZoomError(f"{sec.adapters} has no twig; mining needs the stage-1 adapters")
     # stage 1 leaves the LLM unchanged, so one pass gives both: the direct answer (A) and the RoI answer (B)
     zoom = QZoom(model, processor, twig=twig.to(model.device),
-                 config=ZoomConfig(gate_threshold=0.0, roi_threshold=sec.roi_threshold, emit_direct=True))
+                 config=ZoomConfig(gate_threshold=0.0, roi_threshold=sec.roi_threshold, roi_region=sec.roi_region,
+                                   emit_direct=True))
     judge_kw = {"metric": sec.metric} if sec.judge == "rule" else {"path": sec.judge_model}
     if sec.judge == "hf" and not sec.judge_model:
         raise QZoomError("mine.judge is 'hf' but mine.judge_model is not set")
@@ -309,7 +310,7 @@ def train_stage2(cfg: RecipeConfig, stop_after: int | None = None) -> dict:
     if twig is None:
         raise QZoomError(f"{sec.adapters} has no twig; stage 2 needs the stage-1 adapters")
     freeze(twig)
-    zoom_cfg = zoom_cfg.model_copy(update={"roi_threshold": sec.roi_threshold,
+    zoom_cfg = zoom_cfg.model_copy(update={"roi_threshold": sec.roi_threshold, "roi_region": sec.roi_region,
                                            "position_mode": sec.position_mode or spec.default_position_mode})
     torch.manual_seed(sec.train.seed)  # LoRA's random init follows the run's seed (reproducible runs)
     trained = _apply_lora(model, spec, sec.lora) if sec.lora else model

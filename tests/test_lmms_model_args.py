@@ -30,6 +30,8 @@ def test_good_args_as_lmms_eval_passes_them():
     assert args.batch_size == 4 and args.budget == 64 and args.device == "cpu"
     assert args.zoom_overrides() == {"gate_threshold": 0.05}  # only what was given replaces the saved settings
     assert parse_model_args({"pretrained": MODEL, "adapters": ADAPTERS}).zoom_overrides() == {}
+    assert parse_model_args({"pretrained": MODEL, "adapters": ADAPTERS,
+                             "roi_region": "largest"}).zoom_overrides() == {"roi_region": "largest"}
 
 
 @pytest.mark.parametrize("raw,words", [
@@ -40,6 +42,7 @@ def test_good_args_as_lmms_eval_passes_them():
     ({"dtype": "int8"}, "model arg dtype='int8'"),
     ({"device": "tpu"}, "'tpu' is not cpu, cuda, cuda:N or auto"),
     ({"roi_threshold": 15}, "model arg roi_threshold=15"),
+    ({"roi_region": "biggest"}, "model arg roi_region='biggest'"),
     ({"budget": 64, "max_pixels": 1000}, "either budget= (visual tokens) or min_pixels=/max_pixels="),
     ({"min_pixels": 2000, "max_pixels": 1000}, "min_pixels=2000 exceeds max_pixels=1000"),
     ({"adapters": "/nowhere"}, "adapters=/nowhere is not a folder"),

@@ -11,8 +11,8 @@ Steps (each one a recipe command; a step whose output is complete is skipped, so
    views it runs on, `stage1.budgets`);
 4. `qzoom labels stage3` at 64-1024 tokens, `qzoom train stage3` (the gate, the twig beside it);
 5. the default folder: the model, the adapters in bf16, the recipe and the logs under `training/`;
-6. on **validation** questions only: `roi_threshold` (forced zoom, detail questions at the Q-Zoom budgets:
-   the best mean accuracy, ties to the larger IoU with the plate) and then `gate_threshold`
+6. on **validation** questions only: `roi_threshold` and `roi_region` (forced zoom, detail questions at the
+   Q-Zoom budgets: the best mean accuracy, ties to the larger IoU with the plate) and then `gate_threshold`
    (`threshold.py`: fires on the detail questions each budget gets wrong, skips global ones).
 `RUN/chain.json` records every step's result, its seconds, and both choices.
 """
@@ -30,6 +30,7 @@ import yaml
 from .generator import VAL_SEED, make_sample
 
 ROI_CANDIDATES = (0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6)
+ROI_REGIONS = ("union", "largest")
 ROI_BUDGETS = (64, 128)
 
 
@@ -81,33 +82,40 @@ def choose_thresholds(default: Path, log: StepLog, n_val: int) -> None:
         _to_device(zoom)
         chosen = choose_roi_threshold(zoom, spec, processor, [s for s in validation_samples(n_val)
                                                                if s.family == "detail"])
-        write_zoom_fields(default, roi_threshold=chosen["roi_threshold"])
+        write_zoom_fields(default, roi_threshold=chosen["roi_threshold"], roi_region=chosen["roi_region"])
         return chosen
 
     log.step("roi_threshold", roi)
     log.step("gate_threshold", lambda: threshold_main(["--model", str(default), "--n", str(n_val), "--write"]) and None)
     saved = json.loads((default / "adapter_config.json").read_text())["zoom"]
-    log.log["chosen"] = {"roi_threshold": saved["roi_threshold"], "gate_threshold": saved["gate_threshold"]}
+    log.log["chosen"] = {k: saved[k] for k in ("roi_threshold", "roi_region", "gate_threshold") if k in saved}
     log.write()
 
 
 @torch.no_grad()
 def choose_roi_threshold(zoom, spec, processor, samples, budgets=ROI_BUDGETS, candidates=ROI_CANDIDATES,
-                         batch_size: int = 16) -> dict:
-    """The `roi_threshold` with the best mean detail accuracy with the zoom forced on (ties: the larger mean
-    IoU with the asked plate), over `budgets`; every candidate's numbers are returned."""
+                         batch_size: int = 16, regions=ROI_REGIONS) -> dict:
+    """The (`roi_region`, `roi_threshold`) with the best mean detail accuracy with the zoom forced on (ties: the
+    larger mean IoU with the asked plate, then SPEC's "union"), over `budgets`; every candidate's numbers are
+    returned, keyed "region@threshold"."""
     from .bench import run_qzoom
 
-    rows = {}
-    for t in candidates:  # copies with each candidate (`with_config`); the caller's zoom is left as it is
-        forced = zoom.with_config(roi_threshold=t, gate_threshold=0.0)
-        per = [run_qzoom(forced, processor, samples, b, batch_size, zoom.model.device) for b in budgets]
-        rows[t] = {"detail_accuracy": sum(r["accuracy"]["detail"] for r in per) / len(per),
-                   "box_hit": sum(r["box_hit_rate"] or 0.0 for r in per) / len(per),
-                   "box_area_fraction": sum(r["box_area_fraction"] or 0.0 for r in per) / len(per),
-                   "mean_iou": sum(r.get("box_iou_mean") or 0.0 for r in per) / len(per)}
-    best = max(rows, key=lambda t: (round(rows[t]["detail_accuracy"], 6), rows[t]["mean_iou"]))
-    return {"roi_threshold": best, "budgets": list(budgets), "n": len(samples), "candidates": rows}
+    rows, keys = {}, {}
+    for region in regions:
+        for t in candidates:  # copies with each candidate (`with_config`); the caller's zoom is left as it is
+            forced = zoom.with_config(roi_threshold=t, roi_region=region, gate_threshold=0.0)
+            per = [run_qzoom(forced, processor, samples, b, batch_size, zoom.model.device) for b in budgets]
+            key = f"{region}@{t}"
+            keys[key] = (region, t)
+            rows[key] = {"detail_accuracy": sum(r["accuracy"]["detail"] for r in per) / len(per),
+                         "box_hit": sum(r["box_hit_rate"] or 0.0 for r in per) / len(per),
+                         "box_area_fraction": sum(r["box_area_fraction"] or 0.0 for r in per) / len(per),
+                         "mean_iou": sum(r.get("box_iou_mean") or 0.0 for r in per) / len(per)}
+    best = max(rows, key=lambda k: (round(rows[k]["detail_accuracy"], 6), round(rows[k]["mean_iou"], 6),
+                                    keys[k][0] == "union"))
+    region, threshold = keys[best]
+    return {"roi_threshold": threshold, "roi_region": region, "budgets": list(budgets), "n": len(samples),
+            "candidates": rows}
 
 
 def assemble(model_dir: Path, adapters: Path, out: Path, run: Path) -> Path:

@@ -22,7 +22,7 @@ for v in ${VARIANTS:-a:2048:900:16:32}; do
   (timeout "${CHAIN_SECONDS:-480}" python3 -m qzoom_adapters.benchmarks.zoomworld.chain --model "$MODEL" \
      --out "$RUN/$name" --n "$n" --n-gate "$ngate" --grid "$grid" --batch-size "$batch" \
      --workers "${workers:-${WORKERS:-0}}" ${budgets:+--stage1-budgets "$budgets"} --heads-limit "${HEADS_LIMIT:-256}" --n-val "${N_VAL:-96}" 2>&1 \
-     | tr '\r' '\n' | grep --line-buffered -v -e 'it/s\]$' -e 's/it\]$' -e '^\s*$' -e 'Loading weights' \
+     | tr '\r' '\n' | grep --line-buffered -v -e 'it/s\]$' -e 's/it\]$' -e '[0-9]/[0-9]* \[[0-9:]*<' -e '^\s*$' -e 'Loading weights' \
      > "$OUT/log_$name.txt" || true) &
 done
 wait
