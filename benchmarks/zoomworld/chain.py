@@ -146,7 +146,8 @@ def assemble(model_dir: Path, adapters: Path, out: Path, run: Path) -> Path:
 
 def run_chain(model_dir, out, n: int = 256, n_gate: int = 300, n_val: int = 96, grid: int = 16,
               layers: str = "1,2,3,4,5,6,7", top: int = 4, batch_size: int = 8,
-              heads_limit: int | None = None, workers: int = 0, stage1_budgets: list[int] | None = None) -> dict:
+              heads_limit: int | None = None, workers: int = 0, stage1_budgets: list[int] | None = None,
+              twig_layers: int | None = None) -> dict:
     from .recipe import write_setup
 
     model_dir, run = Path(model_dir).resolve(), Path(out)
@@ -175,6 +176,11 @@ def run_chain(model_dir, out, n: int = 256, n_gate: int = 300, n_val: int = 96, 
             raise SystemExit(f"{run}: its stage 1 was trained with budgets {recipe['stage1'].get('budgets')}, "
                              f"not {stage1_budgets}; use a new --out")
         recipe["stage1"]["budgets"] = stage1_budgets
+        Path(cfg).write_text(yaml.safe_dump(recipe, sort_keys=False))
+    if twig_layers is not None and recipe["T"] != twig_layers:  # the twig's and the gate's depth (T)
+        if (run / "stage1").exists():
+            raise SystemExit(f"{run}: its stage 1 was trained with T={recipe['T']}, not {twig_layers}; use a new --out")
+        recipe["T"] = twig_layers
         Path(cfg).write_text(yaml.safe_dump(recipe, sort_keys=False))
     step("labels_stage1", lambda: _cli("labels", "stage1", "--config", cfg))
     step("train_stage1", lambda: _cli("train", "stage1", "--config", cfg), _done(run / "stage1"))
@@ -215,13 +221,15 @@ def main(argv=None) -> int:
     p.add_argument("--stage1-budgets", type=_budgets, default=None,
                    help="visual-token budgets to train the twig at, e.g. 64,128,256 (stage1.budgets; default: the "
                         "label grid's square view, SPEC 4.2)")
+    p.add_argument("--twig-layers", type=int, default=None,
+                   help="T, the decoder layers of the twig and of the gate's branch (default: the recipe's, 2)")
     p.add_argument("--workers", type=int, default=0,
                    help="processes that draw the scenes and load the stage-1 and training data (0: none)")
     args = p.parse_args(argv)
     if not (Path(args.model) / "config.json").is_file():
         raise SystemExit(f"--model {args.model}: no config.json there (a saved ZoomWorld model folder is needed)")
     log = run_chain(args.model, args.out, args.n, args.n_gate, args.n_val, args.grid, args.layers, args.top,
-                    args.batch_size, args.heads_limit, args.workers, args.stage1_budgets)
+                    args.batch_size, args.heads_limit, args.workers, args.stage1_budgets, args.twig_layers)
     print(json.dumps({k: log[k] for k in ("chosen",)}, indent=1))
     return 0
 
