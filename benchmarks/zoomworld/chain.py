@@ -29,7 +29,7 @@ import yaml
 
 from .generator import VAL_SEED, make_sample
 
-ROI_CANDIDATES = (0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6)
+ROI_CANDIDATES = (0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3, 0.4)
 ROI_REGIONS = ("union", "largest")
 ROI_BUDGETS = (64, 128)
 
