@@ -35,6 +35,10 @@ class ZoomConfig(_Tolerant):
     roi_region: Literal["union", "largest"] = Field(
         "union", description="the cells the box is drawn around: all above roi_threshold (SPEC), or only their "
         "8-connected component with the largest blurred mass (SPEC's optional extension)")
+    roi_refine: int = Field(
+        1, ge=1, le=16, description="sub-cell box: 1 = SPEC (the box's edges on the token grid); f > 1 bilinearly "
+        "upsamples the blurred map f times and draws the box around the fine cells above roi_threshold inside the "
+        "chosen cells (an extension; the box can only shrink, by up to half a cell per side)")
     min_crop_px: int = Field(28, ge=1)
     blur_kernel: int = Field(3, ge=1)
     blur_sigma: float = Field(1.0, gt=0.0)

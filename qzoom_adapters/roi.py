@@ -124,6 +124,24 @@ def roi_from_heatmap(logits: torch.Tensor, sink: torch.Tensor, roi_threshold: fl
     return blurred, token_box(region_mask(blurred, roi_threshold, region))
 
 
+def refine_box(blurred: torch.Tensor, coarse: torch.Tensor, roi_threshold: float, factor: int):
+    """The sub-cell box (x1, y1, x2, y2) in units of 1/`factor` of a cell (exclusive ends) of the `(h, w)` blurred
+    map: the map bilinearly upsampled `factor` times (half-pixel centres, so a cell's centre keeps its value),
+    thresholded, and kept only inside the `coarse` cell mask (the region SPEC's box is drawn around). None when
+    no fine cell passes (cannot happen for factor 1, where it is the coarse box)."""
+    if factor == 1:
+        return token_box(coarse)
+    fine = F.interpolate(blurred.float()[None, None], scale_factor=factor, mode="bilinear", align_corners=False)[0, 0]
+    inside = coarse.repeat_interleave(factor, 0).repeat_interleave(factor, 1)
+    return token_box((fine > roi_threshold) & inside)
+
+
+def _fine_to_cells(box_fine, factor: int) -> tuple[int, int, int, int]:
+    """The grid cells a fine box touches (floor of its start, ceiling of its end)."""
+    x1, y1, x2, y2 = box_fine
+    return x1 // factor, y1 // factor, -(-x2 // factor), -(-y2 // factor)
+
+
 def twig_region(spec, logits: torch.Tensor, first_map, cfg) -> tuple[torch.Tensor, tuple | None]:
     """(h_t, w_t) twig logits -> (blurred map, token box clipped to the grid, or None for an empty mask)."""
     sink = spec.sink_mask(*logits.shape, first_token_scores=first_map)
@@ -140,11 +158,32 @@ def crop_tokens(spec, box_tok, grid_hw, image, image_processor, min_side: int) -
 
 
 def crop_from_heatmap(spec, logits, first_map, image, image_processor, cfg):
-    """SPEC §2 for one sample: (h_t, w_t) twig logits -> (blurred map, `Crop` of the source image or None)."""
+    """SPEC §2 for one sample: (h_t, w_t) twig logits -> (blurred map, `Crop` of the source image or None).
+
+    With `cfg.roi_refine` f > 1 the pixel box is the sub-cell box of `refine_box` and the token box (for the RoI
+    pass's aligned positions) is the grid cells it touches."""
     blur, box = twig_region(spec, logits, first_map, cfg)
     if box is None:
         return blur, None
-    return blur, crop_tokens(spec, box, logits.shape, image, image_processor, cfg.min_crop_px)
+    f = cfg.roi_refine
+    if f == 1:
+        return blur, crop_tokens(spec, box, logits.shape, image, image_processor, cfg.min_crop_px)
+    coarse = region_mask(blur, cfg.roi_threshold, cfg.roi_region) & _cells(box, blur.shape, blur.device)
+    fine = refine_box(blur, coarse, cfg.roi_threshold, f)
+    if fine is None:  # no fine cell passes: keep SPEC's box
+        return blur, crop_tokens(spec, box, logits.shape, image, image_processor, cfg.min_crop_px)
+    h_t, w_t = logits.shape
+    window = spec.source_window(image_processor, image.size)
+    box_px = box_to_pixels(fine, (h_t * f, w_t * f), image.size, cfg.min_crop_px, window)
+    return blur, Crop(_fine_to_cells(fine, f), box_px, image.convert("RGB").crop(box_px))
+
+
+def _cells(box, grid_hw, device) -> torch.Tensor:
+    """The (h, w) boolean mask of the cells inside token box `box`."""
+    x1, y1, x2, y2 = box
+    m = torch.zeros(tuple(grid_hw), dtype=torch.bool, device=device)
+    m[y1:y2, x1:x2] = True
+    return m
 
 
 def check_box(box, image_size, index: int = 0) -> tuple[float, float, float, float]:
@@ -227,5 +266,5 @@ def clip_box_to_grid(box_tok, grid_hw):
 
 
 __all__ = ["Crop", "gaussian_blur", "token_box", "components", "region_mask", "box_to_pixels", "roi_from_heatmap",
-           "check_source_image", "check_grid_aspect", "clip_box_to_grid", "twig_region", "crop_tokens", "crop_from_heatmap", "check_box",
+           "check_source_image", "check_grid_aspect", "clip_box_to_grid", "twig_region", "refine_box", "crop_tokens", "crop_from_heatmap", "check_box",
            "pixels_to_token_box", "crop_from_box"]

@@ -200,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--roi-region", choices=["union", "largest"],
                    help="cells the box is drawn around: all above the threshold, or only their largest connected "
                         "component (default: the adapters' saved value)")
+    i.add_argument("--roi-refine", type=int, help="sub-cell box: upsample the heatmap this many times before the "
+                                                  "box is drawn; 1 = SPEC (default: the adapters' saved value)")
     i.add_argument("--position-mode", choices=["aligned", "sequential"],
                    help="positions of the crop's tokens (default: the adapters' saved value, else the backbone's)")
     i.add_argument("--budget", type=int, help="visual tokens of the global view, and of the crop (min = max pixels "

@@ -132,6 +132,7 @@ class MineSection(_Section):
     keep: Literal["regressions", "zoomed"] = "regressions"  # zoomed: every sample that got a crop (RoI-SFT)
     roi_threshold: float = 0.15
     roi_region: Literal["union", "largest"] = "union"  # ZoomConfig.roi_region
+    roi_refine: int = Field(1, ge=1, le=16)  # ZoomConfig.roi_refine
     batch_size: int = 8
     max_new_tokens: int = 32
 
@@ -154,6 +155,7 @@ class Stage2Section(_Section):
     position_mode: Literal["aligned", "sequential"] | None = None  # None: the backbone's default (aligned)
     roi_threshold: float = 0.15
     roi_region: Literal["union", "largest"] = "union"  # ZoomConfig.roi_region
+    roi_refine: int = Field(1, ge=1, le=16)  # ZoomConfig.roi_refine
     box_noise: float = Field(0.8, ge=0.0, le=1.0)
     box_noise_sides: tuple[float, float] = (0.1, 0.6)
     lora: LoraSection | None = None

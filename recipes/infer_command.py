@@ -76,7 +76,8 @@ def infer(args) -> int:
         raise QZoomError(f"--budget must be at least 1 visual token, got {args.budget}")
     device, dtype = _device_dtype(args.device, args.dtype)
     overrides = {k: v for k, v in (("gate_threshold", args.gate_threshold), ("roi_threshold", args.roi_threshold),
-                                   ("roi_region", args.roi_region), ("position_mode", args.position_mode)) if v is not None}
+                                   ("roi_region", args.roi_region), ("roi_refine", args.roi_refine),
+                                   ("position_mode", args.position_mode)) if v is not None}
     as_zoom_config(overrides)  # a bad threshold fails here, in one line
     image = load_image(args.image)
     heatmap = _heatmap_target(args.heatmap, Path(args.image), args.overwrite) if args.heatmap else None

@@ -43,6 +43,7 @@ def mine(cfg: RecipeConfig, show_progress: bool = True) -> dict:
     # stage 1 leaves the LLM unchanged, so one pass gives both: the direct answer (A) and the RoI answer (B)
     zoom = QZoom(model, processor, twig=twig.to(model.device),
                  config=ZoomConfig(gate_threshold=0.0, roi_threshold=sec.roi_threshold, roi_region=sec.roi_region,
+                                   roi_refine=sec.roi_refine,
                                    emit_direct=True))
     judge_kw = {"metric": sec.metric} if sec.judge == "rule" else {"path": sec.judge_model}
     if sec.judge == "hf" and not sec.judge_model:
@@ -311,7 +312,7 @@ def train_stage2(cfg: RecipeConfig, stop_after: int | None = None) -> dict:
         raise QZoomError(f"{sec.adapters} has no twig; stage 2 needs the stage-1 adapters")
     freeze(twig)
     zoom_cfg = zoom_cfg.model_copy(update={"roi_threshold": sec.roi_threshold, "roi_region": sec.roi_region,
-                                           "position_mode": sec.position_mode or spec.default_position_mode})
+                                           "roi_refine": sec.roi_refine, "position_mode": sec.position_mode or spec.default_position_mode})
     torch.manual_seed(sec.train.seed)  # LoRA's random init follows the run's seed (reproducible runs)
     trained = _apply_lora(model, spec, sec.lora) if sec.lora else model
     if not sec.lora:

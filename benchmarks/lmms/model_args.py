@@ -61,6 +61,7 @@ class QZoomModelArgs(BaseModel):
     gate_threshold: float | None = Field(None, ge=0.0, allow_inf_nan=False)
     roi_threshold: float | None = Field(None, ge=-1.0, le=2.0, allow_inf_nan=False)
     roi_region: Literal["union", "largest"] | None = None
+    roi_refine: StrictInt | None = Field(None, ge=1, le=16)
     position_mode: Literal["aligned", "sequential"] | None = None
     budget: StrictInt | None = Field(None, ge=1, description="visual tokens of the global view and of the crop")
     min_pixels: StrictInt | None = Field(None, ge=1)
@@ -87,7 +88,7 @@ class QZoomModelArgs(BaseModel):
 
     def zoom_overrides(self) -> dict:
         """The `ZoomConfig` fields these arguments set (the rest keep the adapters' saved values)."""
-        return {k: getattr(self, k) for k in ("gate_threshold", "roi_threshold", "roi_region", "position_mode",
+        return {k: getattr(self, k) for k in ("gate_threshold", "roi_threshold", "roi_region", "roi_refine", "position_mode",
                                              "emit_direct")
                 if k in self.model_fields_set}
 

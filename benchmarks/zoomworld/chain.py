@@ -1,6 +1,9 @@
 """The whole Q-Zoom chain on a ZoomWorld model, through the project's recipes, into a default folder.
 
     python -m qzoom_adapters.benchmarks.zoomworld.chain --model MODEL_DIR --out RUN [--n 256] [--n-gate 300] [--n-val 96]
+    python -m qzoom_adapters.benchmarks.zoomworld.chain --choose --model DEFAULT_DIR --out RUN [--roi-refines 1,2,4,8]
+
+The second form runs step 6 alone on an existing default folder (its thresholds are rewritten; RUN/choose.json logs it).
 
 Steps (each one a recipe command; a step whose output is complete is skipped, so a stopped chain resumes):
 1. `qzoom_adapters.benchmarks.zoomworld.recipe`: records (natural mode: the detail question + GROUNDING_PROMPT, answered
@@ -11,7 +14,7 @@ Steps (each one a recipe command; a step whose output is complete is skipped, so
    views it runs on, `stage1.budgets`);
 4. `qzoom labels stage3` at 64-1024 tokens, `qzoom train stage3` (the gate, the twig beside it);
 5. the default folder: the model, the adapters in bf16, the recipe and the logs under `training/`;
-6. on **validation** questions only: `roi_threshold` and `roi_region` (forced zoom, detail questions at the
+6. on **validation** questions only: `roi_threshold`, `roi_region` (and `roi_refine` with `--roi-refines`) (forced zoom, detail questions at the
    Q-Zoom budgets: the best mean accuracy, ties to the larger IoU with the plate) and then `gate_threshold`
    (`threshold.py`: fires on the detail questions each budget gets wrong, skips global ones).
 `RUN/chain.json` records every step's result, its seconds, and both choices.
@@ -31,6 +34,7 @@ from .generator import VAL_SEED, make_sample
 
 ROI_CANDIDATES = (0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3, 0.4)
 ROI_REGIONS = ("union", "largest")
+ROI_REFINES = (1,)  # roi_refine candidates; (1, 2, 4, 8) searches the sub-cell box too (`--roi-refines`)
 ROI_BUDGETS = (64, 128)
 
 
@@ -72,7 +76,7 @@ def validation_samples(n_val: int) -> list:
     return [make_sample(VAL_SEED + i, "detail" if i % 2 == 0 else "global") for i in range(n_val)]
 
 
-def choose_thresholds(default: Path, log: StepLog, n_val: int) -> None:
+def choose_thresholds(default: Path, log: StepLog, n_val: int, refines=ROI_REFINES) -> None:
     """`roi_threshold` and then `gate_threshold` of a default folder, on validation; written into the folder."""
     from .shipped import load_default, write_zoom_fields
     from .threshold import main as threshold_main
@@ -81,41 +85,45 @@ def choose_thresholds(default: Path, log: StepLog, n_val: int) -> None:
         zoom, spec, processor = load_default(default)
         _to_device(zoom)
         chosen = choose_roi_threshold(zoom, spec, processor, [s for s in validation_samples(n_val)
-                                                               if s.family == "detail"])
-        write_zoom_fields(default, roi_threshold=chosen["roi_threshold"], roi_region=chosen["roi_region"])
+                                                               if s.family == "detail"], refines=refines)
+        write_zoom_fields(default, roi_threshold=chosen["roi_threshold"], roi_region=chosen["roi_region"],
+                          roi_refine=chosen["roi_refine"])
         return chosen
 
     log.step("roi_threshold", roi)
     log.step("gate_threshold", lambda: threshold_main(["--model", str(default), "--n", str(n_val), "--write"]) and None)
     saved = json.loads((default / "adapter_config.json").read_text())["zoom"]
-    log.log["chosen"] = {k: saved[k] for k in ("roi_threshold", "roi_region", "gate_threshold") if k in saved}
+    log.log["chosen"] = {k: saved[k] for k in ("roi_threshold", "roi_region", "roi_refine", "gate_threshold")
+                         if k in saved}
     log.write()
 
 
 @torch.no_grad()
 def choose_roi_threshold(zoom, spec, processor, samples, budgets=ROI_BUDGETS, candidates=ROI_CANDIDATES,
-                         batch_size: int = 16, regions=ROI_REGIONS) -> dict:
-    """The (`roi_region`, `roi_threshold`) with the best mean detail accuracy with the zoom forced on (ties: the
-    larger mean IoU with the asked plate, then SPEC's "union"), over `budgets`; every candidate's numbers are
-    returned, keyed "region@threshold"."""
+                         batch_size: int = 16, regions=ROI_REGIONS, refines=ROI_REFINES) -> dict:
+    """The (`roi_region`, `roi_threshold`, `roi_refine`) with the best mean detail accuracy with the zoom forced on
+    (ties: the larger mean IoU with the asked plate, then SPEC's "union", then SPEC's cell box, refine 1), over
+    `budgets`; every candidate's numbers are returned, keyed "region@threshold" (refine 1) or
+    "region@threshold/refine"."""
     from .bench import run_qzoom
 
     rows, keys = {}, {}
-    for region in regions:
-        for t in candidates:  # copies with each candidate (`with_config`); the caller's zoom is left as it is
-            forced = zoom.with_config(roi_threshold=t, roi_region=region, gate_threshold=0.0)
-            per = [run_qzoom(forced, processor, samples, b, batch_size, zoom.model.device) for b in budgets]
-            key = f"{region}@{t}"
-            keys[key] = (region, t)
-            rows[key] = {"detail_accuracy": sum(r["accuracy"]["detail"] for r in per) / len(per),
-                         "box_hit": sum(r["box_hit_rate"] or 0.0 for r in per) / len(per),
-                         "box_area_fraction": sum(r["box_area_fraction"] or 0.0 for r in per) / len(per),
-                         "mean_iou": sum(r.get("box_iou_mean") or 0.0 for r in per) / len(per)}
+    for region, f, t in ((r, f, t) for r in regions for f in refines for t in candidates):
+        # copies with each candidate (`with_config`); the caller's zoom is left as it is
+        forced = zoom.with_config(roi_threshold=t, roi_region=region, roi_refine=f, gate_threshold=0.0)
+        per = [run_qzoom(forced, processor, samples, b, batch_size, zoom.model.device) for b in budgets]
+        key = f"{region}@{t}" if f == 1 else f"{region}@{t}/{f}"
+        keys[key] = (region, t, f)
+        rows[key] = {"detail_accuracy": sum(r["accuracy"]["detail"] for r in per) / len(per),
+                     "box_hit": sum(r["box_hit_rate"] or 0.0 for r in per) / len(per),
+                     "box_area_fraction": sum(r["box_area_fraction"] or 0.0 for r in per) / len(per),
+                     "box_target_area_ratio": sum(r.get("box_target_area_ratio_mean") or 0.0 for r in per) / len(per),
+                     "mean_iou": sum(r.get("box_iou_mean") or 0.0 for r in per) / len(per)}
     best = max(rows, key=lambda k: (round(rows[k]["detail_accuracy"], 6), round(rows[k]["mean_iou"], 6),
-                                    keys[k][0] == "union"))
-    region, threshold = keys[best]
-    return {"roi_threshold": threshold, "roi_region": region, "budgets": list(budgets), "n": len(samples),
-            "candidates": rows}
+                                    keys[k][0] == "union", -keys[k][2]))
+    region, threshold, refine = keys[best]
+    return {"roi_threshold": threshold, "roi_region": region, "roi_refine": refine, "budgets": list(budgets),
+            "n": len(samples), "candidates": rows}
 
 
 def assemble(model_dir: Path, adapters: Path, out: Path, run: Path) -> Path:
@@ -147,7 +155,7 @@ def assemble(model_dir: Path, adapters: Path, out: Path, run: Path) -> Path:
 def run_chain(model_dir, out, n: int = 256, n_gate: int = 300, n_val: int = 96, grid: int = 16,
               layers: str = "1,2,3,4,5,6,7", top: int = 4, batch_size: int = 8,
               heads_limit: int | None = None, workers: int = 0, stage1_budgets: list[int] | None = None,
-              twig_layers: int | None = None) -> dict:
+              twig_layers: int | None = None, roi_refines=ROI_REFINES) -> dict:
     from .recipe import write_setup
 
     model_dir, run = Path(model_dir).resolve(), Path(out)
@@ -188,7 +196,7 @@ def run_chain(model_dir, out, n: int = 256, n_gate: int = 300, n_val: int = 96, 
     step("train_stage3", lambda: _cli("train", "stage3", "--config", cfg), _done(run / "stage3"))
     default = run / "default"
     step("assemble", lambda: {"folder": str(assemble(model_dir, run / "stage3", default, run))})
-    choose_thresholds(default, steps, n_val)
+    choose_thresholds(default, steps, n_val, roi_refines)
     shutil.copy(steps.path, default / "training" / "chain.json")
     return steps.log
 
@@ -223,13 +231,28 @@ def main(argv=None) -> int:
                         "label grid's square view, SPEC 4.2)")
     p.add_argument("--twig-layers", type=int, default=None,
                    help="T, the decoder layers of the twig and of the gate's branch (default: the recipe's, 2)")
+    p.add_argument("--roi-refines", type=_budgets, default=list(ROI_REFINES),
+                   help="roi_refine candidates searched with the thresholds, e.g. 1,2,4,8 (default: 1, SPEC's box)")
+    p.add_argument("--choose", action="store_true",
+                   help="--model is a default folder: only choose its thresholds on validation (step 6)")
     p.add_argument("--workers", type=int, default=0,
                    help="processes that draw the scenes and load the stage-1 and training data (0: none)")
     args = p.parse_args(argv)
+    if any(f < 1 or f > 16 for f in args.roi_refines):
+        raise SystemExit(f"--roi-refines: each factor must be 1 to 16, got {args.roi_refines}")
+    if args.choose:
+        if not (Path(args.model) / "adapter_config.json").is_file():
+            raise SystemExit(f"--choose --model {args.model}: no adapter_config.json there (a default folder is needed)")
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        log = StepLog(Path(args.out) / "choose.json")
+        choose_thresholds(Path(args.model), log, args.n_val, args.roi_refines)
+        print(json.dumps(log.log["chosen"], indent=1))
+        return 0
     if not (Path(args.model) / "config.json").is_file():
         raise SystemExit(f"--model {args.model}: no config.json there (a saved ZoomWorld model folder is needed)")
     log = run_chain(args.model, args.out, args.n, args.n_gate, args.n_val, args.grid, args.layers, args.top,
-                    args.batch_size, args.heads_limit, args.workers, args.stage1_budgets, args.twig_layers)
+                    args.batch_size, args.heads_limit, args.workers, args.stage1_budgets, args.twig_layers,
+                    args.roi_refines)
     print(json.dumps({k: log[k] for k in ("chosen",)}, indent=1))
     return 0
 

@@ -48,11 +48,13 @@ def write_setup(run: Path, default: Path, n_pool: int, n_gate: int, budgets: lis
         "K": K, "T": 2,
         "mine": {"records": "pool.jsonl", "adapters": str(default.resolve()), "out": "mine", "keep": "zoomed",
                  "target": "ground_truth", "batch_size": 32, "max_new_tokens": 5,
-                 "roi_threshold": saved["roi_threshold"], "roi_region": saved.get("roi_region", "union")},
+                 "roi_threshold": saved["roi_threshold"], "roi_region": saved.get("roi_region", "union"),
+                 "roi_refine": saved.get("roi_refine", 1)},
         # few random boxes: a ZoomWorld random box seldom holds the asked plate, and its ground truth would teach
         # guessing; frozen_layers = K keeps the twig's and the gate's inputs exactly as they were
         "stage2": {"data": "mine/regressions.jsonl", "adapters": str(default.resolve()), "out": "stage2",
                    "roi_threshold": saved["roi_threshold"], "roi_region": saved.get("roi_region", "union"),
+                 "roi_refine": saved.get("roi_refine", 1),
                    "box_noise": 0.1, "budgets": budgets,
                    "frozen_layers": K, "plain_replay": plain_replay, "train": train},
     }
@@ -87,7 +89,7 @@ def compare(folders: dict, n_val: int, budgets: list[int], batch_size: int = 16)
             rows[b] = {"accuracy": r["accuracy"], "zoom_rate": r["zoom_rate"], "visual_tokens": r["visual_tokens"],
                        "box_hit_rate": r["box_hit_rate"], "box_iou_mean": r.get("box_iou_mean")}
         out[name] = {"folder": str(folder), "thresholds": {k: zoom.config.model_dump()[k] for k in
-                                                           ("roi_threshold", "roi_region", "gate_threshold")}, "budgets": rows}
+                                                           ("roi_threshold", "roi_region", "roi_refine", "gate_threshold")}, "budgets": rows}
     return {"n": n_val, "split": "validation", **out}
 
 
