@@ -116,12 +116,19 @@ def box_to_pixels(box_tok, grid_hw, image_wh, min_side: int = 28, window=None) -
     return int(px1), int(py1), int(px2), int(py2)
 
 
+def blurred_region(logits: torch.Tensor, sink: torch.Tensor, roi_threshold: float, kernel: int, sigma: float,
+                   region: str = "union") -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, w) twig logits -> (blurred map, the cell mask the box is drawn around); `region` as for `region_mask`."""
+    prob = torch.sigmoid(logits.float()) * sink.to(device=logits.device, dtype=torch.float32)
+    blurred = gaussian_blur(prob, kernel, sigma)
+    return blurred, region_mask(blurred, roi_threshold, region)
+
+
 def roi_from_heatmap(logits: torch.Tensor, sink: torch.Tensor, roi_threshold: float, kernel: int, sigma: float,
                      region: str = "union"):
     """(h, w) twig logits -> (blurred map, token box or None); `region` as for `region_mask`."""
-    prob = torch.sigmoid(logits.float()) * sink.to(device=logits.device, dtype=torch.float32)
-    blurred = gaussian_blur(prob, kernel, sigma)
-    return blurred, token_box(region_mask(blurred, roi_threshold, region))
+    blurred, mask = blurred_region(logits, sink, roi_threshold, kernel, sigma, region)
+    return blurred, token_box(mask)
 
 
 def refine_box(blurred: torch.Tensor, coarse: torch.Tensor, roi_threshold: float, factor: int):
@@ -142,11 +149,16 @@ def _fine_to_cells(box_fine, factor: int) -> tuple[int, int, int, int]:
     return x1 // factor, y1 // factor, -(-x2 // factor), -(-y2 // factor)
 
 
+def _twig_mask(spec, logits: torch.Tensor, first_map, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h_t, w_t) twig logits -> (blurred map, the cell mask of `cfg.roi_region`): SPEC §2 steps 1-5."""
+    sink = spec.sink_mask(*logits.shape, first_token_scores=first_map)
+    return blurred_region(logits, sink, cfg.roi_threshold, cfg.blur_kernel, cfg.blur_sigma, cfg.roi_region)
+
+
 def twig_region(spec, logits: torch.Tensor, first_map, cfg) -> tuple[torch.Tensor, tuple | None]:
     """(h_t, w_t) twig logits -> (blurred map, token box clipped to the grid, or None for an empty mask)."""
-    sink = spec.sink_mask(*logits.shape, first_token_scores=first_map)
-    blur, box = roi_from_heatmap(logits, sink, cfg.roi_threshold, cfg.blur_kernel, cfg.blur_sigma,
-                                 cfg.roi_region)
+    blur, mask = _twig_mask(spec, logits, first_map, cfg)
+    box = token_box(mask)
     return blur, None if box is None else clip_box_to_grid(box, logits.shape)
 
 
@@ -154,6 +166,10 @@ def crop_tokens(spec, box_tok, grid_hw, image, image_processor, min_side: int) -
     """The `Crop` of the source `image` that token box `box_tok` of a (h_t, w_t) grid covers (28-px rule)."""
     window = spec.source_window(image_processor, image.size)
     box_px = box_to_pixels(box_tok, tuple(grid_hw), image.size, min_side, window)
+    return _crop(box_tok, box_px, image)
+
+
+def _crop(box_tok, box_px, image) -> Crop:
     return Crop(box_tok, box_px, image.convert("RGB").crop(box_px))
 
 
@@ -162,28 +178,19 @@ def crop_from_heatmap(spec, logits, first_map, image, image_processor, cfg):
 
     With `cfg.roi_refine` f > 1 the pixel box is the sub-cell box of `refine_box` and the token box (for the RoI
     pass's aligned positions) is the grid cells it touches."""
-    blur, box = twig_region(spec, logits, first_map, cfg)
+    blur, mask = _twig_mask(spec, logits, first_map, cfg)
+    box = token_box(mask)
     if box is None:
         return blur, None
     f = cfg.roi_refine
-    if f == 1:
-        return blur, crop_tokens(spec, box, logits.shape, image, image_processor, cfg.min_crop_px)
-    coarse = region_mask(blur, cfg.roi_threshold, cfg.roi_region) & _cells(box, blur.shape, blur.device)
-    fine = refine_box(blur, coarse, cfg.roi_threshold, f)
-    if fine is None:  # no fine cell passes: keep SPEC's box
+    # even factors put no fine centre on a cell's centre, so a cell just above the threshold may pass nowhere
+    fine = refine_box(blur, mask, cfg.roi_threshold, f) if f > 1 else None
+    if fine is None:  # SPEC's box
         return blur, crop_tokens(spec, box, logits.shape, image, image_processor, cfg.min_crop_px)
     h_t, w_t = logits.shape
     window = spec.source_window(image_processor, image.size)
     box_px = box_to_pixels(fine, (h_t * f, w_t * f), image.size, cfg.min_crop_px, window)
-    return blur, Crop(_fine_to_cells(fine, f), box_px, image.convert("RGB").crop(box_px))
-
-
-def _cells(box, grid_hw, device) -> torch.Tensor:
-    """The (h, w) boolean mask of the cells inside token box `box`."""
-    x1, y1, x2, y2 = box
-    m = torch.zeros(tuple(grid_hw), dtype=torch.bool, device=device)
-    m[y1:y2, x1:x2] = True
-    return m
+    return blur, _crop(_fine_to_cells(fine, f), box_px, image)
 
 
 def check_box(box, image_size, index: int = 0) -> tuple[float, float, float, float]:
@@ -229,7 +236,7 @@ def crop_from_box(spec, box, grid_hw, image, image_processor, min_side: int, ind
     box_px = int(px1), int(py1), int(px2), int(py2)
     window = spec.source_window(image_processor, image.size)
     box_tok = pixels_to_token_box(box_px, grid_hw, image.size, window)
-    return Crop(box_tok, box_px, image.convert("RGB").crop(box_px))
+    return _crop(box_tok, box_px, image)
 
 
 def check_source_image(image, min_side: int) -> None:
@@ -265,6 +272,6 @@ def clip_box_to_grid(box_tok, grid_hw):
     return max(0, x1), max(0, y1), min(w_t, x2), min(h_t, y2)
 
 
-__all__ = ["Crop", "gaussian_blur", "token_box", "components", "region_mask", "box_to_pixels", "roi_from_heatmap",
+__all__ = ["Crop", "gaussian_blur", "token_box", "components", "region_mask", "box_to_pixels", "blurred_region", "roi_from_heatmap",
            "check_source_image", "check_grid_aspect", "clip_box_to_grid", "twig_region", "refine_box", "crop_tokens", "crop_from_heatmap", "check_box",
            "pixels_to_token_box", "crop_from_box"]

@@ -207,11 +207,11 @@ def _to_device(zoom) -> None:
             module.to("cuda", torch.bfloat16)
 
 
-def _budgets(text: str) -> list[int]:
+def _ints(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated token counts such as 64,128,256, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 64,128,256, got {text!r}")
 
 
 def main(argv=None) -> int:
@@ -226,12 +226,12 @@ def main(argv=None) -> int:
     p.add_argument("--top", type=int, default=4, help="grounding heads to keep")
     p.add_argument("--batch-size", type=int, default=8, help="training batch of stages 1-3 (the shipped run: 8)")
     p.add_argument("--heads-limit", type=int, help="stage-1 records `qzoom heads` ranks on (default: all)")
-    p.add_argument("--stage1-budgets", type=_budgets, default=None,
+    p.add_argument("--stage1-budgets", type=_ints, default=None,
                    help="visual-token budgets to train the twig at, e.g. 64,128,256 (stage1.budgets; default: the "
                         "label grid's square view, SPEC 4.2)")
     p.add_argument("--twig-layers", type=int, default=None,
                    help="T, the decoder layers of the twig and of the gate's branch (default: the recipe's, 2)")
-    p.add_argument("--roi-refines", type=_budgets, default=list(ROI_REFINES),
+    p.add_argument("--roi-refines", type=_ints, default=list(ROI_REFINES),
                    help="roi_refine candidates searched with the thresholds, e.g. 1,2,4,8 (default: 1, SPEC's box)")
     p.add_argument("--choose", action="store_true",
                    help="--model is a default folder: only choose its thresholds on validation (step 6)")
